@@ -1,0 +1,50 @@
+# Two commands do everything: `make demo` (the main job) and `make test` (the tests).
+# Both create .venv at the repo root and install the locked versions first.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test down up status bench clean help
+
+help:
+	@echo "make demo    - install, start the local stack, run the main job on synthetic data"
+	@echo "make test    - install, run the test suite (starts its own isolated stack)"
+	@echo "make down    - stop the local stack started by 'make demo'"
+	@echo "make status  - show the local stack"
+	@echo "make bench   - run every benchmark (writes benchmarks/results/)"
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || { echo "error: $(PYTHON) is not Python 3.11: run make PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/recsys demo
+
+# pytest exits 5 when it collects nothing: that is not a failure of the code under test
+test: install
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+down:
+	@if [ -x $(BIN)/recsys ]; then $(BIN)/recsys stack down; else echo "nothing to stop (.venv missing)"; fi
+
+up: install
+	$(BIN)/recsys stack up
+
+status: install
+	$(BIN)/recsys stack status
+
+bench: install
+	$(BIN)/python -m benchmarks.generator
+
+clean: down
+	rm -rf data run

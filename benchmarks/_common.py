@@ -1,0 +1,38 @@
+"""Helpers shared by the benchmarks: where results go and how they are written."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_results(name: str, numbers: dict[str, Any], table_rows: list[tuple[str, str]], notes: str = "") -> Path:
+    """Write results/NAME.json (numbers plus machine facts) and results/NAME.md (a short table)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({**numbers, "machine": machine()}, indent=2) + "\n")
+    lines = [f"# {name}", "", "| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in table_rows]]
+    if notes:
+        lines += ["", notes]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_child(code: str) -> dict[str, Any]:
+    """Run Python code in a fresh interpreter; it must print one JSON object as its last line."""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,224 @@
+"""The ``recsys`` command line: the one front door that imports every room.
+
+Heavy modules (Spark, TensorFlow, Feast) are imported inside the commands that need them, so
+``recsys --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from recsys.config import Settings, load_settings
+from recsys.logs import configure_logging
+
+app = typer.Typer(
+    name="recsys",
+    help="Recommendation platform around a Feast feature store: local stack, data, features, "
+    "training and serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="Start, stop and inspect the local services (Redis, Kafka, MLflow).",
+                        no_args_is_help=True)
+data_app = typer.Typer(help="Create the canonical tables: synthetic data or MovieLens.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("recsys")
+
+
+class CliError(typer.Exit):
+    """Print a one-line error to stderr and exit non-zero."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+        super().__init__(code)
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    return ctx.ensure_object(dict)["settings"]
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise CliError(f"--as-of {value!r} is not an ISO time: use e.g. 1998-04-22T23:10:38Z") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config file (also RECSYS_CONFIG).")] = None,
+    as_of: Annotated[Optional[str], typer.Option(
+        "--as-of", help="The platform's 'now' (ISO time). Default: the dataset's latest event.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Active dataset name under data/canonical.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    configure_logging(verbose)
+    if config is not None:
+        os.environ["RECSYS_CONFIG"] = str(config)
+    try:
+        settings = load_settings(as_of=_parse_time(as_of), dataset=dataset)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc).splitlines()[0] if isinstance(exc, FileNotFoundError) else str(exc)) from exc
+    ctx.ensure_object(dict)["settings"] = settings
+
+
+# ---- stack ------------------------------------------------------------------------------------
+
+OnlyOption = Annotated[Optional[list[str]], typer.Option("--only", help="Limit to these services (repeatable).")]
+
+
+def _print_status(rows: list) -> None:
+    for row in rows:
+        pid = f"pid {row.pid}" if row.pid else ""
+        health = "healthy" if row.healthy else "unhealthy"
+        typer.echo(f"{row.name:<7} {row.state:<9} {health:<10} {row.endpoint:<32} {pid}")
+
+
+@stack_app.command("up")
+def stack_up(ctx: typer.Context, only: OnlyOption = None) -> None:
+    """Start the local services that are not running yet (idempotent)."""
+    from pipelines.stack import LocalStack, StackError
+
+    try:
+        rows = LocalStack(settings_of(ctx)).up(only)
+    except StackError as exc:
+        raise CliError(str(exc)) from exc
+    _print_status(rows)
+
+
+@stack_app.command("down")
+def stack_down(ctx: typer.Context, only: OnlyOption = None) -> None:
+    """Stop the services that `stack up` started (never external ones)."""
+    from pipelines.stack import LocalStack, StackError
+
+    try:
+        stopped = LocalStack(settings_of(ctx)).down(only)
+    except StackError as exc:
+        raise CliError(str(exc)) from exc
+    typer.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@stack_app.command("status")
+def stack_status(ctx: typer.Context, only: OnlyOption = None) -> None:
+    """Show each service: running, stopped, stale or external, and whether it is healthy."""
+    from pipelines.stack import LocalStack, StackError
+
+    try:
+        rows = LocalStack(settings_of(ctx)).status(only)
+    except StackError as exc:
+        raise CliError(str(exc)) from exc
+    _print_status(rows)
+    if any(r.state in {"running", "external"} and not r.healthy for r in rows):
+        raise typer.Exit(1)
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+@data_app.command("generate")
+def data_generate(
+    ctx: typer.Context,
+    users: Annotated[int, typer.Option(min=1, help="Number of users (ids 1..N).")] = 10_000,
+    items: Annotated[int, typer.Option(min=1, help="Number of items (ids 1..M).")] = 5_000,
+    days: Annotated[int, typer.Option(min=1, help="Days of history.")] = 30,
+    end: Annotated[Optional[str], typer.Option(help="End of the history (ISO time); fixed default.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same data.")] = 42,
+    zipf: Annotated[float, typer.Option(help="Zipf exponent of item popularity.")] = 1.0,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: the active dataset's).")] = None,
+) -> None:
+    """Generate the synthetic clickstream (the embedded default dataset)."""
+    from pipelines.generator import DEFAULT_END, GeneratorConfig, generate
+
+    settings = settings_of(ctx)
+    try:
+        cfg = GeneratorConfig(n_users=users, n_items=items, days=days, seed=seed, zipf_exponent=zipf,
+                              end=_parse_time(end) or DEFAULT_END)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    target = out or settings.dataset_path
+    manifest = generate(cfg, target)
+    _print_manifest(target, manifest)
+
+
+@data_app.command("load")
+def data_load(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="MovieLens folder (u.data... or ratings.csv...).")],
+    layout: Annotated[str, typer.Option(help="auto, ml-100k or ml-csv.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: data/canonical/<folder name>).")] = None,
+) -> None:
+    """Load a MovieLens dataset into the canonical tables."""
+    from pipelines.loaders import LoaderError, load_movielens
+
+    settings = settings_of(ctx)
+    target = out or settings.data_path / "canonical" / Path(path).name
+    try:
+        manifest = load_movielens(path, target, layout=layout)
+    except LoaderError as exc:
+        raise CliError(str(exc)) from exc
+    _print_manifest(target, manifest)
+    typer.echo(f"use it with: recsys --dataset {target.name} ... (or RECSYS_DATASET={target.name})")
+
+
+@data_app.command("info")
+def data_info(ctx: typer.Context) -> None:
+    """Show the active dataset's manifest and the reference time."""
+    from pipelines.canonical import DatasetError, read_manifest, reference_time
+
+    settings = settings_of(ctx)
+    try:
+        manifest = read_manifest(settings.dataset_path)
+        now = reference_time(settings.dataset_path, settings.as_of)
+    except DatasetError as exc:
+        raise CliError(str(exc)) from exc
+    info = {k: v for k, v in asdict(manifest).items() if k != "params"}
+    info["reference_time"] = now.isoformat()
+    info["path"] = str(settings.dataset_path)
+    typer.echo(json.dumps(info, indent=2))
+
+
+def _print_manifest(path: Path, manifest: object) -> None:
+    m = asdict(manifest)  # type: ignore[call-overload]
+    typer.echo(
+        f"{path}: {m['events']:,} events, {m['items']:,} items, {m['users']:,} users, "
+        f"{m['rejects']:,} rejected rows (see {path / 'rejects'})"
+    )
+    if m["rejects_by_reason"]:
+        for reason, n in sorted(m["rejects_by_reason"].items()):
+            typer.echo(f"  rejected: {n:>7,}  {reason}")
+
+
+# ---- the main job -----------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    ctx: typer.Context,
+    users: Annotated[int, typer.Option(min=1, help="Synthetic users.")] = 10_000,
+    items: Annotated[int, typer.Option(min=1, help="Synthetic items.")] = 5_000,
+) -> None:
+    """The main job, end to end on the synthetic default: stack up, data, and what to look at next."""
+    from recsys.demo import run_demo
+
+    try:
+        run_demo(settings_of(ctx), n_users=users, n_items=items)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from exc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,226 @@
+"""Typed configuration: one object, filled from environment variables and an optional YAML file.
+
+Precedence (highest first): explicit keyword arguments (CLI flags), environment variables,
+the YAML file (``RECSYS_CONFIG`` or ``<home>/recsys.yaml``), then the defaults below.
+
+Endpoints left unset (``redis_url``, ``kafka_bootstrap_servers``, ``mlflow_tracking_uri``) mean
+"use the local stack that ``recsys stack up`` starts on loopback"; set them (``REDIS_URL``,
+``KAFKA_BOOTSTRAP_SERVERS``, ``MLFLOW_TRACKING_URI``, ``SPARK_MASTER``) to use real clusters, and
+the stack will not start that service locally.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+#: A file that marks the project root (the repository checkout).
+_ROOT_MARKER = Path("feature_repo") / "feature_store.yaml"
+
+DEFAULT_REDIS_PORT = 16379
+DEFAULT_KAFKA_PORT = 19092
+DEFAULT_MLFLOW_PORT = 15000
+DEFAULT_SERVICE_PORT = 3000
+
+
+def find_home(start: Path | None = None) -> Path:
+    """The project root: ``RECSYS_HOME``, else the nearest parent of ``start`` (default: the
+    current directory) that holds ``feature_repo/feature_store.yaml``, else the current directory.
+
+    Walking up lets plain ``feast`` commands run from ``feature_repo/`` find the same data as the
+    ``recsys`` CLI run from the repository root.
+    """
+    env = os.environ.get("RECSYS_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / _ROOT_MARKER).is_file():
+            return candidate
+    return here
+
+
+def _config_file() -> Path | None:
+    env = os.environ.get("RECSYS_CONFIG")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"RECSYS_CONFIG={env!r} does not exist: point it at a YAML file or unset it."
+            )
+        return path
+    default = find_home() / "recsys.yaml"
+    return default if default.is_file() else None
+
+
+class Settings(BaseSettings):
+    """Every knob of the platform. Paths are relative to ``home`` unless absolute."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSYS_",
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    home: Path = Field(default_factory=find_home)
+    data_dir: Path = Path("data")
+    run_dir: Path = Path("run")
+    dataset: str = Field("synthetic", description="Name of the canonical dataset under data_dir.")
+
+    # Endpoints. None = the local stack on loopback.
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "RECSYS_REDIS_URL", "redis_url")
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "KAFKA_BOOTSTRAP_SERVERS", "RECSYS_KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"
+        ),
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "MLFLOW_TRACKING_URI", "RECSYS_MLFLOW_TRACKING_URI", "mlflow_tracking_uri"
+        ),
+    )
+    spark_master: str | None = Field(
+        None, validation_alias=AliasChoices("SPARK_MASTER", "RECSYS_SPARK_MASTER", "spark_master")
+    )
+    spark_conf: dict[str, str] = Field(default_factory=dict)
+
+    # Local stack ports (loopback).
+    redis_port: int = Field(DEFAULT_REDIS_PORT, ge=1, le=65535)
+    kafka_port: int = Field(DEFAULT_KAFKA_PORT, ge=1, le=65535)
+    mlflow_port: int = Field(DEFAULT_MLFLOW_PORT, ge=1, le=65535)
+    service_port: int = Field(DEFAULT_SERVICE_PORT, ge=1, le=65535)
+
+    # Kafka topics.
+    events_topic: str = "clickstream.events"
+    dlq_topic: str = "clickstream.events.dlq"
+    events_partitions: int = Field(4, ge=1)
+
+    #: The platform's "now". None = the latest event of the active dataset.
+    as_of: datetime | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @field_validator("as_of")
+    @classmethod
+    def _as_of_utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:  # a naive time is read as UTC: the data is all UTC
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and urlparse(value).scheme not in {"redis", "rediss"}:
+            raise ValueError(
+                f"REDIS_URL={value!r} is not a redis:// or rediss:// URL "
+                "(for example redis://10.0.0.5:6379/0)"
+            )
+        return value
+
+    # ---- derived values -------------------------------------------------------------------
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.home / path)
+
+    @cached_property
+    def data_path(self) -> Path:
+        return self.resolve(self.data_dir)
+
+    @cached_property
+    def run_path(self) -> Path:
+        return self.resolve(self.run_dir)
+
+    @property
+    def dataset_path(self) -> Path:
+        """Where the canonical tables of the active dataset live."""
+        return self.data_path / "canonical" / self.dataset
+
+    @property
+    def redis_is_local(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def kafka_is_local(self) -> bool:
+        return self.kafka_bootstrap_servers is None
+
+    @property
+    def mlflow_is_local(self) -> bool:
+        return self.mlflow_tracking_uri is None
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def effective_kafka_bootstrap(self) -> str:
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def effective_mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def effective_spark_master(self) -> str:
+        return self.spark_master or "local[*]"
+
+    @property
+    def feast_redis_connection_string(self) -> str:
+        """Feast's Redis store wants ``host:port,db=N[,password=...,ssl=true]``, not a URL."""
+        return redis_url_to_feast(self.effective_redis_url)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with some fields replaced (validated again)."""
+        data = self.model_dump(exclude_unset=False)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return Settings(**data)
+
+
+def redis_url_to_feast(url: str) -> str:
+    """``redis://:pw@host:6379/2`` -> ``host:6379,db=2,password=pw`` (Feast's format)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in {"redis", "rediss"} or not parsed.hostname:
+        raise ValueError(f"{url!r} is not a redis:// URL with a host (e.g. redis://127.0.0.1:6379/0)")
+    db = (parsed.path or "/0").lstrip("/") or "0"
+    parts = [f"{parsed.hostname}:{parsed.port or 6379}", f"db={db}"]
+    if parsed.password:
+        parts.append(f"password={parsed.password}")
+    if parsed.scheme == "rediss":
+        parts.append("ssl=true")
+    return ",".join(parts)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from env + YAML, with explicit overrides (None values are ignored)."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

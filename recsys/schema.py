@@ -1,0 +1,128 @@
+"""The canonical tables: column names, event types and Arrow schemas, in one place.
+
+Every room (pipelines, models, bentos, feature_repo) takes its column names from here.
+Timestamps are microsecond UTC: Spark 4 refuses pandas' default nanosecond parquet timestamps.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# ---- column names ---------------------------------------------------------------------------
+COL_EVENT_ID = "event_id"
+COL_USER = "user_id"
+COL_ITEM = "item_id"
+COL_EVENT_TYPE = "event_type"
+COL_VALUE = "value"
+COL_TS = "event_timestamp"
+COL_SESSION = "session_id"
+COL_CONTEXT = "context"
+COL_CATEGORY = "category_id"
+COL_CREATED_AT = "created_at"
+
+
+class EventType(str, Enum):
+    """Interaction kinds, weakest to strongest signal. RATING carries the rating in ``value``."""
+
+    VIEW = "VIEW"
+    CLICK = "CLICK"
+    ADD_TO_CART = "ADD_TO_CART"
+    PURCHASE = "PURCHASE"
+    RATING = "RATING"
+
+
+EVENT_TYPES: tuple[str, ...] = tuple(e.value for e in EventType)
+CLICKSTREAM_TYPES: tuple[str, ...] = ("VIEW", "CLICK", "ADD_TO_CART", "PURCHASE")
+
+TS_TYPE = pa.timestamp("us", tz="UTC")
+
+CONTEXT_TYPE = pa.struct(
+    [
+        pa.field("device", pa.string()),
+        pa.field("location", pa.string()),
+        pa.field("referrer", pa.string()),
+    ]
+)
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field(COL_EVENT_ID, pa.string(), nullable=False),
+        pa.field(COL_USER, pa.int64(), nullable=False),
+        pa.field(COL_ITEM, pa.int64(), nullable=False),
+        pa.field(COL_EVENT_TYPE, pa.string(), nullable=False),
+        pa.field(COL_VALUE, pa.float64()),
+        pa.field(COL_TS, TS_TYPE, nullable=False),
+        pa.field(COL_SESSION, pa.string()),
+        pa.field(COL_CONTEXT, CONTEXT_TYPE),
+    ]
+)
+
+ITEMS_SCHEMA = pa.schema(
+    [
+        pa.field(COL_ITEM, pa.int64(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field(COL_CATEGORY, pa.int64(), nullable=False),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("price", pa.float64()),
+        pa.field("margin", pa.float64()),
+        pa.field("quality_score", pa.float64()),
+        pa.field("inventory", pa.int64()),
+        pa.field(COL_CREATED_AT, TS_TYPE, nullable=False),
+        pa.field("image_url", pa.string()),
+    ]
+)
+
+USERS_SCHEMA = pa.schema(
+    [
+        pa.field(COL_USER, pa.int64(), nullable=False),
+        pa.field("age", pa.int64()),
+        pa.field("gender", pa.string()),
+        pa.field("occupation", pa.string()),
+        pa.field("zip_code", pa.string()),
+        pa.field(COL_CREATED_AT, TS_TYPE, nullable=False),
+    ]
+)
+
+#: Rows that failed validation, kept with the reason (never dropped silently).
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("table", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("raw", pa.string(), nullable=False),
+    ]
+)
+
+#: Categories that MovieLens genres map to, in u.genre order (index = category_id).
+ML_GENRES: tuple[str, ...] = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
+
+#: Neutral values for item fields a dataset lacks (MovieLens has no price or stock). Chosen so no
+#: business rule fires on them: margin 0 is not "over 0.3" (no boost), quality 3.0 is not
+#: "under 3.0" (no penalty), inventory is large (never out of stock), price 0 means "not priced".
+NEUTRAL_PRICE = 0.0
+NEUTRAL_MARGIN = 0.0
+NEUTRAL_QUALITY = 3.0
+NEUTRAL_INVENTORY = 1_000_000

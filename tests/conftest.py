@@ -1,0 +1,56 @@
+"""Shared fixtures: an isolated local stack on free loopback ports, and the MovieLens path.
+
+The stack fixture starts real servers (valkey, Tansu, MLflow) in a temporary run directory, so
+the tests never touch the demo's stack or data, and stops them at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.stack import LocalStack, free_port
+from recsys.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ml100k_path() -> Path:
+    """MovieLens 100K, read in place (its license forbids copying it into the repo)."""
+    path = Path(os.environ.get("RECSYS_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
+    if not (path / "u.data").is_file():
+        pytest.skip(f"MovieLens 100K not found at {path}: set RECSYS_ML100K")
+    return path
+
+
+def isolated_settings(tmp: Path, **overrides: object) -> Settings:
+    """Settings whose data, run dir and ports belong to one test session only."""
+    values: dict[str, object] = {
+        "home": REPO,
+        "data_dir": tmp / "data",
+        "run_dir": tmp / "run",
+        "redis_port": free_port(),
+        "kafka_port": free_port(),
+        "mlflow_port": free_port(),
+        "service_port": free_port(),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A running local stack (Redis, Kafka, MLflow) for the whole test session."""
+    for var in ("REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS", "MLFLOW_TRACKING_URI", "SPARK_MASTER"):
+        os.environ.pop(var, None)
+    settings = isolated_settings(tmp_path_factory.mktemp("stack"))
+    stack = LocalStack(settings)
+    stack.up()
+    try:
+        yield settings
+    finally:
+        stack.down()
