@@ -153,16 +153,13 @@ def rejects_table(table_name: str, reasons: list[str], raw: list[str]) -> pa.Tab
     )
 
 
-def validate_events(
+def event_reject_reasons(
     df: pd.DataFrame,
     known_items: np.ndarray | None = None,
     max_ts: pd.Timestamp | None = None,
-) -> tuple[pa.Table, pa.Table]:
-    """Split raw event rows into canonical events and rejects (with the first failing reason).
-
-    ``df`` has the EVENTS_SCHEMA columns, possibly with bad values: ids may be missing or
-    negative, the type unknown, the timestamp missing or later than ``max_ts``.
-    ``known_items`` (sorted) rejects events on items outside the catalogue.
+) -> tuple[pd.Series, pd.Series, pd.Series, pd.Series, pd.Series]:
+    """The first failing reason of each raw event row (NA when valid), and the parsed
+    user, item, value and timestamp columns. The stream's dead-letter reasons come from here too.
     """
     reason = pd.Series(pd.NA, index=df.index, dtype="string")
 
@@ -194,7 +191,21 @@ def validate_events(
         idx = np.flatnonzero(ok_item.to_numpy())
         unknown[idx] = ~np.isin(item.to_numpy()[idx].astype(np.int64), known_items, assume_unique=False)
         flag(unknown, "item_id not in catalogue")
+    return reason, user, item, value, ts
 
+
+def validate_events(
+    df: pd.DataFrame,
+    known_items: np.ndarray | None = None,
+    max_ts: pd.Timestamp | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """Split raw event rows into canonical events and rejects (with the first failing reason).
+
+    ``df`` has the EVENTS_SCHEMA columns, possibly with bad values: ids may be missing or
+    negative, the type unknown, the timestamp missing or later than ``max_ts``.
+    ``known_items`` (sorted) rejects events on items outside the catalogue.
+    """
+    reason, user, item, value, ts = event_reject_reasons(df, known_items, max_ts)
     bad = reason.notna().to_numpy()
     good = df.loc[~bad].copy()
     good[S.COL_USER] = user[~bad].astype("int64")

@@ -10,13 +10,14 @@ import json
 import logging
 import os
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from recsys.config import Settings, load_settings
+from recsys.cli_common import CliError, parse_time, settings_of
+from recsys.cli_features import features_app
+from recsys.config import load_settings
 from recsys.logs import configure_logging
 
 app = typer.Typer(
@@ -31,30 +32,9 @@ stack_app = typer.Typer(help="Start, stop and inspect the local services (Redis,
 data_app = typer.Typer(help="Create the canonical tables: synthetic data or MovieLens.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
 
 log = logging.getLogger("recsys")
-
-
-class CliError(typer.Exit):
-    """Print a one-line error to stderr and exit non-zero."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-        super().__init__(code)
-
-
-def settings_of(ctx: typer.Context) -> Settings:
-    return ctx.ensure_object(dict)["settings"]
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise CliError(f"--as-of {value!r} is not an ISO time: use e.g. 1998-04-22T23:10:38Z") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 @app.callback()
@@ -70,7 +50,7 @@ def main(
     if config is not None:
         os.environ["RECSYS_CONFIG"] = str(config)
     try:
-        settings = load_settings(as_of=_parse_time(as_of), dataset=dataset)
+        settings = load_settings(as_of=parse_time(as_of), dataset=dataset)
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc).splitlines()[0] if isinstance(exc, FileNotFoundError) else str(exc)) from exc
     ctx.ensure_object(dict)["settings"] = settings
@@ -146,7 +126,7 @@ def data_generate(
     settings = settings_of(ctx)
     try:
         cfg = GeneratorConfig(n_users=users, n_items=items, days=days, seed=seed, zipf_exponent=zipf,
-                              end=_parse_time(end) or DEFAULT_END)
+                              end=parse_time(end) or DEFAULT_END)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     target = out or settings.dataset_path

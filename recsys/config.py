@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     dlq_topic: str = "clickstream.events.dlq"
     events_partitions: int = Field(4, ge=1)
 
+    # Feast.
+    feast_project: str = Field("recsys", pattern=r"^[A-Za-z0-9_]+$")
+    #: Redis expiry of an entity's whole online row (every view at once); None = never expire.
+    online_key_ttl_seconds: int | None = Field(None, ge=1)
+    registry_cache_ttl_seconds: int = Field(60, ge=0)
+
     #: The platform's "now". None = the latest event of the active dataset.
     as_of: datetime | None = None
 

@@ -1,7 +1,7 @@
 """The main job on the embedded default: each step a small function, run in order by ``run_demo``.
 
-Today: local stack -> synthetic canonical data -> a slice of the clickstream into Kafka and the
-dataset registered in MLflow. Later issues add features, training and serving as further steps.
+Today: local stack -> synthetic canonical data -> dataset registered in MLflow -> offline feature
+snapshots, `feast apply`, materialize into Redis -> a slice of the clickstream into Kafka.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict
+from datetime import timedelta
 
 import pyarrow.dataset as pads
 import typer
@@ -82,18 +83,43 @@ def step_register_dataset(settings: Settings, manifest: Manifest) -> str:
     return run.info.run_id
 
 
+def step_features(settings: Settings, days: int = 30) -> None:
+    """Batch snapshots (Spark) -> `feast apply` -> materialize into Redis -> read one user back."""
+    from pipelines import feature_store as fs
+    from pipelines.batch_features import DayRange, run_batch_features
+    from recsys.spark import get_spark
+
+    now = reference_time(settings.dataset_path, settings.as_of)
+    fs.apply(settings)
+    written = run_batch_features(get_spark(settings, "batch-features"), settings, now, DayRange.ending_at(now, days))
+    typer.echo("  offline snapshots: " + ", ".join(f"{t} {n:,} rows" for t, n in written.items()))
+    fs.materialize(settings, now - timedelta(days=days), now)
+    store = fs.get_store(settings)
+    user = int(pads.dataset(settings.dataset_path / "events").to_table(columns=[S.COL_USER]).column(0)[0].as_py())
+    row = store.get_online_features(
+        features=["user_profile:n_events", "user_profile:n_events_7d", "user_profile:top_categories"],
+        entity_rows=[{S.COL_USER: user}]).to_dict()
+    typer.echo(f"  materialized into Redis; user {user} online: "
+               + ", ".join(f"{k}={v[0]}" for k, v in row.items() if k != S.COL_USER))
+
+
 def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000) -> None:
-    typer.secho("[1/4] local stack", bold=True)
+    steps = 5
+    typer.secho(f"[1/{steps}] local stack", bold=True)
     step_stack(settings)
-    typer.secho("[2/4] synthetic data", bold=True)
+    typer.secho(f"[2/{steps}] synthetic data", bold=True)
     manifest = step_data(settings, n_users, n_items)
     typer.echo(f"  reference time (the platform's now): {reference_time(settings.dataset_path, settings.as_of)}")
-    typer.secho("[3/4] clickstream into Kafka", bold=True)
-    step_replay_tail(settings)
-    typer.secho("[4/4] dataset into MLflow", bold=True)
+    typer.secho(f"[3/{steps}] dataset into MLflow", bold=True)
     step_register_dataset(settings, manifest)
+    typer.secho(f"[4/{steps}] features: Spark snapshots, feast apply, materialize to Redis", bold=True)
+    step_features(settings)
+    typer.secho(f"[5/{steps}] clickstream into Kafka", bold=True)
+    step_replay_tail(settings)
     typer.secho("\nDone. Where to look next:", bold=True, fg=typer.colors.GREEN)
     typer.echo(f"  data:      {settings.dataset_path}  (recsys data info)")
+    typer.echo("  features:  cd feature_repo && ../.venv/bin/feast feature-views list")
+    typer.echo("             recsys features show --user 1;  notebooks/training_frame.ipynb")
     typer.echo(f"  MLflow UI: {settings.effective_mlflow_uri}")
     typer.echo(f"  services:  recsys stack status   (logs in {settings.run_path})")
     typer.echo("The stack keeps running. Stop it with: make down   (or: .venv/bin/recsys stack down)")

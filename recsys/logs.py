@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 #: Third-party loggers that are chatty at INFO (kafka-python logs every connection).
-_NOISY = ("kafka", "py4j", "urllib3", "feast", "mlflow", "bentoml", "tensorflow", "absl")
+_NOISY = ("kafka", "py4j", "urllib3", "feast", "mlflow", "bentoml", "tensorflow", "absl", "faiss")
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -15,3 +16,5 @@ def configure_logging(verbose: bool = False) -> None:
     )
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Feast warns on every Spark source that the Spark store is "alpha"; once is enough for us
+    warnings.filterwarnings("ignore", message="The spark .* is an experimental feature", category=RuntimeWarning)

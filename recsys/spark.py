@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 LOCAL_DEFAULTS: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",
     "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
     "spark.sql.shuffle.partitions": "8",
     "spark.default.parallelism": "8",
     "spark.driver.memory": "4g",
@@ -33,15 +34,20 @@ def spark_conf(settings: Settings) -> dict[str, str]:
     return conf
 
 
-def get_spark(settings: Settings, app_name: str = "recsys") -> SparkSession:
-    """The process's SparkSession (created on first call, reused after)."""
-    from pyspark.sql import SparkSession
-
+def prepare_spark_env(settings: Settings) -> None:
+    """Environment every Spark driver in this process needs (ours or the one Feast starts)."""
     # workers must run the same interpreter as the driver (the project's venv)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if settings.effective_spark_master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # stay on loopback in local mode
+
+
+def get_spark(settings: Settings, app_name: str = "recsys") -> SparkSession:
+    """The process's SparkSession (created on first call, reused after)."""
+    from pyspark.sql import SparkSession
+
+    prepare_spark_env(settings)
     builder = SparkSession.builder.appName(app_name)
     for key, value in spark_conf(settings).items():
         builder = builder.config(key, value)

@@ -54,3 +54,11 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
         yield settings
     finally:
         stack.down()
+
+
+@pytest.fixture(scope="session")
+def feature_ws(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A feature workspace (data, snapshots, embeddings, feast apply, materialize) on the stack."""
+    from tests.feature_workspace import build_feature_workspace
+
+    return build_feature_workspace(stack_settings, tmp_path_factory.mktemp("fs"))

@@ -1,0 +1,216 @@
+"""The platform's Feast layer: one RepoConfig from Settings, apply, materialize, push, and
+point-in-time training frames.
+
+``feature_repo/feature_store.yaml`` holds the local defaults for plain ``feast`` commands; every
+call in the platform builds its config from :class:`recsys.config.Settings` instead, so the
+environment (``REDIS_URL``, ``SPARK_MASTER``, ...) always wins. ``render_feature_store_yaml``
+writes that config out for ``feast -f``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from recsys import feature_tables as T
+from recsys import schema as S
+from recsys.config import Settings
+from recsys.spark import prepare_spark_env, spark_conf
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+    from pyspark.sql import DataFrame as SparkDataFrame
+
+log = logging.getLogger(__name__)
+
+FEATURE_SERVICES = ("ranker_v1", "retrieval_v1")
+PUSH_SOURCE = "user_realtime_push"
+
+
+class FeatureStoreError(RuntimeError):
+    """A feature-store call that cannot succeed as configured; the message says what to fix."""
+
+
+def feature_repo_path(settings: Settings) -> Path:
+    return settings.home / "feature_repo"
+
+
+def registry_path(settings: Settings) -> Path:
+    """The default dataset keeps Feast's own default location, so plain `feast` sees it too."""
+    if settings.dataset == "synthetic" and settings.data_dir == Path("data"):
+        return feature_repo_path(settings) / "data" / "registry.db"
+    return settings.data_path / "feast" / settings.dataset / "registry.db"
+
+
+def repo_config_dict(settings: Settings, skip_dedup: bool = False) -> dict[str, Any]:
+    online: dict[str, Any] = {"type": "redis", "connection_string": settings.feast_redis_connection_string}
+    if settings.online_key_ttl_seconds:
+        online["key_ttl_seconds"] = settings.online_key_ttl_seconds
+    if skip_dedup:
+        online["skip_dedup"] = True
+    return {
+        "project": settings.feast_project,
+        "provider": "local",
+        "registry": {"registry_type": "file", "path": str(registry_path(settings)),
+                     "cache_ttl_seconds": settings.registry_cache_ttl_seconds},
+        "online_store": online,
+        "offline_store": {"type": "spark", "spark_conf": spark_conf(settings)},
+        "entity_key_serialization_version": 3,
+    }
+
+
+def render_feature_store_yaml(settings: Settings, out: Path | None = None) -> Path:
+    """Write the effective feature_store.yaml (endpoints from the environment) for `feast -f`."""
+    out = out or registry_path(settings).parent / "feature_store.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Rendered by `recsys features render` from the environment. Do not edit; re-render.\n"
+    out.write_text(header + yaml.safe_dump(repo_config_dict(settings), sort_keys=False))
+    return out
+
+
+def get_store(settings: Settings, skip_dedup: bool = False) -> FeatureStore:
+    """A FeatureStore for ``settings``. ``skip_dedup`` is for a single writer that orders its own
+    writes (the stream consumer): Feast then writes in one round trip and never drops a write
+    whose event time equals the stored one."""
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+    prepare_spark_env(settings)
+    registry_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    config = RepoConfig(repo_path=feature_repo_path(settings), **repo_config_dict(settings, skip_dedup))
+    return FeatureStore(config=config, repo_path=str(feature_repo_path(settings)))
+
+
+def check_online_store(settings: Settings, timeout_s: float = 2.0) -> None:
+    """Fail fast with a clear message instead of hanging when Redis is not reachable."""
+    from pipelines.stack import redis_healthy
+
+    if not redis_healthy(settings.effective_redis_url, timeout_s):
+        where = "run `recsys stack up`" if settings.redis_is_local else "check REDIS_URL"
+        raise FeatureStoreError(f"online store at {settings.effective_redis_url} is not reachable: {where}")
+
+
+def feast_cli(settings: Settings, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real `feast` CLI from feature_repo/ with the rendered config and our environment."""
+    config = render_feature_store_yaml(settings)
+    env = {**os.environ, "RECSYS_HOME": str(settings.home), "RECSYS_DATA_DIR": str(settings.data_path),
+           "RECSYS_DATASET": settings.dataset, "RECSYS_KAFKA_PORT": str(settings.kafka_port)}
+    if settings.kafka_bootstrap_servers:
+        env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
+    command = [str(Path(sys.executable).with_name("feast")), "-c", str(feature_repo_path(settings)),
+               "-f", str(config), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s)  # noqa: S603
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise FeatureStoreError(f"`feast {' '.join(args)}` failed (exit {result.returncode}):\n{tail}")
+    return result
+
+
+def apply(settings: Settings) -> None:
+    """Create the offline tables that are still missing, then `feast apply` (idempotent)."""
+    events = settings.dataset_path / "events"
+    if not events.is_dir():
+        raise FeatureStoreError(
+            f"no canonical events at {events}: run `recsys data generate` or `recsys data load PATH` first"
+        )
+    for path in T.ensure_tables(settings):
+        log.info("created empty offline table %s", path)
+    feast_cli(settings, "apply")
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+
+
+def _check_offline_tables(settings: Settings) -> None:
+    missing = [str(T.table_path(settings, t)) for t in T.TABLES if not T.table_path(settings, t).is_dir()]
+    if missing:
+        raise FeatureStoreError(f"offline feature tables missing: {', '.join(missing)}: run `recsys features apply`")
+
+
+def materialize(settings: Settings, start: datetime, end: datetime, views: list[str] | None = None) -> None:
+    check_online_store(settings)
+    _check_offline_tables(settings)
+    get_store(settings).materialize(_utc(start), _utc(end), feature_views=views)
+
+
+def materialize_incremental(settings: Settings, end: datetime, views: list[str] | None = None) -> None:
+    check_online_store(settings)
+    _check_offline_tables(settings)
+    get_store(settings).materialize_incremental(_utc(end), feature_views=views)
+
+
+# ---- training frames --------------------------------------------------------------------------
+
+
+def get_training_frame(
+    entity_df: pd.DataFrame,
+    feature_service: str = "ranker_v1",
+    settings: Settings | None = None,
+    output: Literal["pandas", "spark"] = "pandas",
+    store: FeatureStore | None = None,
+) -> pd.DataFrame | SparkDataFrame:
+    """Labels plus point-in-time-correct features.
+
+    ``entity_df`` has ``event_timestamp`` (the label's time) and the join keys the service needs
+    (``user_id`` and/or ``item_id``), plus any label columns. Each row gets, for every feature
+    view, the latest value whose event time is at or before the label's time and within the view's
+    TTL; nothing stamped after the label is ever joined. Missing values come back as nulls.
+    """
+    from recsys.config import load_settings
+
+    settings = settings or load_settings()
+    if S.COL_TS not in entity_df.columns:
+        raise FeatureStoreError(f"entity_df needs an {S.COL_TS!r} column (the label time); it has {list(entity_df.columns)}")
+    if feature_service not in FEATURE_SERVICES:
+        raise FeatureStoreError(f"unknown feature service {feature_service!r}: choose from {FEATURE_SERVICES}")
+    frame = entity_df.copy()
+    frame[S.COL_TS] = pd.to_datetime(frame[S.COL_TS], utc=True).dt.as_unit("us")
+    store = store or get_store(settings)
+    job = store.get_historical_features(entity_df=frame, features=store.get_feature_service(feature_service))
+    if output == "spark":
+        return job.to_spark_df()
+    result = job.to_df()
+    result[S.COL_TS] = pd.to_datetime(result[S.COL_TS], utc=True)  # Spark hands back naive UTC times
+    return result
+
+
+# ---- push -------------------------------------------------------------------------------------
+
+
+def realtime_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows for the user_realtime push source, in the offline table's column order and types."""
+    schema = T.table_schema(T.USER_REALTIME)
+    missing = [c for c in schema.names if c not in rows.columns and c != T.CREATED]
+    if missing:
+        raise FeatureStoreError(f"user_realtime rows lack columns {missing}")
+    frame = rows.copy()
+    if T.CREATED not in frame:
+        frame[T.CREATED] = pd.Timestamp.now(tz="UTC")
+    for col in (S.COL_TS, T.CREATED, "last_action_ts"):
+        frame[col] = pd.to_datetime(frame[col], utc=True).dt.as_unit("us")  # Spark 4 rejects ns parquet
+    return frame[schema.names]
+
+
+def push_user_realtime(store: FeatureStore, rows: pd.DataFrame, online: bool = True, offline: bool = False) -> None:
+    """Write real-time user rows through Feast's push source (online store, offline log, or both)."""
+    from feast.data_source import PushMode
+
+    if not (online or offline):
+        return
+    mode = (PushMode.ONLINE_AND_OFFLINE if online and offline else PushMode.ONLINE if online else PushMode.OFFLINE)
+    store.push(PUSH_SOURCE, realtime_frame(rows), to=mode)
+
+
+def arrow_table(rows: pd.DataFrame, table: str) -> pa.Table:
+    """Rows as an Arrow table with the offline schema of ``table`` (microsecond timestamps)."""
+    return pa.Table.from_pandas(rows[T.table_schema(table).names], schema=T.table_schema(table), preserve_index=False)
