@@ -137,16 +137,40 @@ def _check_offline_tables(settings: Settings) -> None:
         raise FeatureStoreError(f"offline feature tables missing: {', '.join(missing)}: run `recsys features apply`")
 
 
+#: Views that only materialization writes online: their bulk loads skip Feast's read-before-write
+#: timestamp check (one Redis round trip instead of two). user_realtime keeps the check, so a
+#: materialization never overwrites a newer value the stream pushed.
+BATCH_ONLY_VIEWS = (T.USER_PROFILE, T.ITEM_PROFILE, T.USER_EMBEDDING, T.ITEM_EMBEDDING)
+
+
+def _split_views(views: list[str] | None) -> tuple[list[str], list[str]]:
+    wanted = list(views) if views else list(T.TABLES)
+    unknown = [v for v in wanted if v not in T.TABLES]
+    if unknown:
+        raise FeatureStoreError(f"unknown feature views {unknown}: choose from {list(T.TABLES)}")
+    return [v for v in wanted if v in BATCH_ONLY_VIEWS], [v for v in wanted if v not in BATCH_ONLY_VIEWS]
+
+
 def materialize(settings: Settings, start: datetime, end: datetime, views: list[str] | None = None) -> None:
+    """Load the latest offline value of each entity within [start, end] into Redis."""
     check_online_store(settings)
     _check_offline_tables(settings)
-    get_store(settings).materialize(_utc(start), _utc(end), feature_views=views)
+    bulk, checked = _split_views(views)
+    if bulk:
+        get_store(settings, skip_dedup=True).materialize(_utc(start), _utc(end), feature_views=bulk)
+    if checked:
+        get_store(settings).materialize(_utc(start), _utc(end), feature_views=checked)
 
 
 def materialize_incremental(settings: Settings, end: datetime, views: list[str] | None = None) -> None:
+    """Materialize each view from where its last materialization ended."""
     check_online_store(settings)
     _check_offline_tables(settings)
-    get_store(settings).materialize_incremental(_utc(end), feature_views=views)
+    bulk, checked = _split_views(views)
+    if bulk:
+        get_store(settings, skip_dedup=True).materialize_incremental(_utc(end), feature_views=bulk)
+    if checked:
+        get_store(settings).materialize_incremental(_utc(end), feature_views=checked)
 
 
 # ---- training frames --------------------------------------------------------------------------

@@ -395,6 +395,9 @@ def _reap(pid: int) -> None:
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # like the servers themselves: connections lingering in TIME_WAIT after a restart do not
+        # block the port, a process listening on it does
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

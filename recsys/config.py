@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -112,11 +112,32 @@ class Settings(BaseSettings):
     dlq_topic: str = "clickstream.events.dlq"
     events_partitions: int = Field(4, ge=1)
 
+    # Stream consumer (`recsys stream run`): micro-batches online, larger batches offline.
+    stream_group_id: str = "recsys-stream"
+    stream_batch_events: int = Field(5_000, ge=1, description="Most events folded per micro-batch.")
+    stream_batch_ms: int = Field(100, ge=1, description="Longest wait for a micro-batch to fill.")
+    stream_offline_flush_s: float = Field(60.0, gt=0, description="Offline append at least this often.")
+    stream_offline_batch_rows: int = Field(100_000, ge=1, description="Offline append once this many rows wait.")
+    stream_dedupe_window_s: int = Field(86_400, ge=1, description="Event ids remembered per user, in time.")
+    stream_dedupe_max_ids: int = Field(1_000, ge=1, description="Event ids remembered per user, at most.")
+    stream_max_future_s: int = Field(300, ge=0, description="Clock skew allowed before 'in the future'.")
+    #: Prometheus /metrics port of the stream consumer; None = no endpoint.
+    stream_metrics_port: int | None = Field(None, ge=0, le=65535)
+    trending_window_s: int = Field(3_600, ge=60, description="Sliding window of trending, in seconds.")
+    trending_top_n: int = Field(100, ge=1)
+    trending_ttl_s: int = Field(7_200, ge=1, description="Redis expiry of the trending sets.")
+
     # Feast.
     feast_project: str = Field("recsys", pattern=r"^[A-Za-z0-9_]+$")
     #: Redis expiry of an entity's whole online row (every view at once); None = never expire.
     online_key_ttl_seconds: int | None = Field(None, ge=1)
     registry_cache_ttl_seconds: int = Field(60, ge=0)
+
+    # Serving.
+    #: Required by the write endpoints (/events, /items) in the X-API-Key header. The default is
+    #: for the local demo only: set RECSYS_API_KEY in any shared deployment.
+    api_key: SecretStr = SecretStr("local-dev-key")
+    recs_cache_ttl_seconds: int = Field(600, ge=1)
 
     #: The platform's "now". None = the latest event of the active dataset.
     as_of: datetime | None = None
