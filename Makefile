@@ -14,7 +14,7 @@ help:
 	@echo "make test    - install, run the test suite (starts its own isolated stack)"
 	@echo "make down    - stop the local stack started by 'make demo'"
 	@echo "make status  - show the local stack"
-	@echo "make bench   - run every benchmark (writes benchmarks/results/)"
+	@echo "make bench   - run every benchmark after make demo (writes benchmarks/results/)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -43,8 +43,14 @@ up: install
 status: install
 	$(BIN)/recsys stack status
 
+# run after `make demo` (the serving benchmark needs the service up)
 bench: install
 	$(BIN)/python -m benchmarks.generator
+	$(BIN)/python -m benchmarks.feature_store
+	$(BIN)/python -m benchmarks.stream
+	$(BIN)/python -m benchmarks.training
+	$(BIN)/python -m benchmarks.quality
+	$(BIN)/python -m benchmarks.serving
 
 clean: down
 	rm -rf data run

@@ -33,6 +33,9 @@ from recsys.config import Settings
 log = logging.getLogger(__name__)
 
 SERVICES: tuple[str, ...] = ("redis", "kafka", "mlflow")
+#: Started on request (`stack up --only service`, `make demo`) once data and models exist; `down`
+#: stops it with the rest.
+APP_SERVICES: tuple[str, ...] = ("service",)
 
 
 class StackError(RuntimeError):
@@ -254,15 +257,30 @@ class LocalStack:
                 healthy=lambda: http_healthy(f"{s.effective_mlflow_uri.rstrip('/')}/health"),
                 start_timeout_s=90.0,  # first start migrates the SQLite schema
             ),
+            "service": _Service(
+                name="service",
+                port=s.service_port,
+                endpoint=f"http://127.0.0.1:{s.service_port}",
+                is_local=True,
+                command=lambda: [
+                    sys.executable, "-m", "bentoml", "serve", "bentos.service:Recommender",
+                    "--host", "127.0.0.1", "--port", str(s.service_port), "--working-dir", str(s.home),
+                ],
+                healthy=lambda: http_healthy(f"http://127.0.0.1:{s.service_port}/readyz"),
+                start_timeout_s=240.0,  # loads the catalogue, the index and TensorFlow
+            ),
         }
 
-    def _select(self, only: Sequence[str] | None) -> list[_Service]:
+    def _select(self, only: Sequence[str] | None, default: Sequence[str] = SERVICES) -> list[_Service]:
         services = self._services()
-        names = list(only) if only else list(SERVICES)
+        names = list(only) if only else list(default)
         unknown = [n for n in names if n not in services]
         if unknown:
-            raise StackError(f"unknown service(s) {unknown}: choose from {list(SERVICES)}")
+            raise StackError(f"unknown service(s) {unknown}: choose from {list(SERVICES + APP_SERVICES)}")
         return [services[n] for n in names]
+
+    def _with_started_apps(self) -> list[str]:
+        return [*SERVICES, *[a for a in APP_SERVICES if self.pid_file(a).exists()]]
 
     # pid bookkeeping
     def _read_pid(self, name: str) -> int | None:
@@ -344,7 +362,8 @@ class LocalStack:
     def down(self, only: Sequence[str] | None = None) -> list[str]:
         """Stop the services this stack started (those with a pid file). Returns their names."""
         stopped = []
-        for svc in self._select(only):
+        # the application first: it holds connections to the others
+        for svc in reversed(self._select(only, default=self._with_started_apps())):
             pid = self._read_pid(svc.name)
             if pid is None:
                 continue
@@ -372,7 +391,7 @@ class LocalStack:
         self.pid_file(name).unlink(missing_ok=True)
 
     def status(self, only: Sequence[str] | None = None) -> list[ServiceStatus]:
-        return [self._status_one(svc) for svc in self._select(only)]
+        return [self._status_one(svc) for svc in self._select(only, default=self._with_started_apps())]
 
     def _status_one(self, svc: _Service) -> ServiceStatus:
         if not svc.is_local:

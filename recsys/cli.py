@@ -17,6 +17,9 @@ import typer
 
 from recsys.cli_common import CliError, parse_time, settings_of
 from recsys.cli_features import features_app
+from recsys.cli_serving import precompute_cmd, serve
+from recsys.cli_stream import events_app, stream_app, trending_cmd
+from recsys.cli_models import register as register_model_commands
 from recsys.config import load_settings
 from recsys.logs import configure_logging
 
@@ -33,6 +36,12 @@ data_app = typer.Typer(help="Create the canonical tables: synthetic data or Movi
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
+app.command("serve")(serve)
+app.command("precompute")(precompute_cmd)
+app.add_typer(events_app, name="events")
+app.add_typer(stream_app, name="stream")
+app.command("trending")(trending_cmd)
+register_model_commands(app)  # train, index, evaluate
 
 log = logging.getLogger("recsys")
 

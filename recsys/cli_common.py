@@ -31,3 +31,14 @@ def parse_time(value: str | None, flag: str = "--as-of") -> datetime | None:
     except ValueError as exc:
         raise CliError(f"{flag} {value!r} is not an ISO time: use e.g. 1998-04-22T23:10:38Z") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def reference_time_of(ctx: typer.Context) -> datetime:
+    """The platform's "now" for the active dataset (``--as-of`` or its latest event), or a CLI error."""
+    from pipelines.canonical import DatasetError, reference_time
+
+    settings = settings_of(ctx)
+    try:
+        return reference_time(settings.dataset_path, settings.as_of)
+    except DatasetError as exc:
+        raise CliError(str(exc)) from exc

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Optional
 
 import typer
 
-from recsys.cli_common import CliError, parse_time, settings_of
+from recsys.cli_common import CliError, parse_time, reference_time_of, settings_of
 
 features_app = typer.Typer(help="Feast: offline features, apply, materialize, render the config.",
                            no_args_is_help=True)
-
-
-def _now(ctx: typer.Context) -> datetime:
-    from pipelines.canonical import DatasetError, reference_time
-
-    settings = settings_of(ctx)
-    try:
-        return reference_time(settings.dataset_path, settings.as_of)
-    except DatasetError as exc:
-        raise CliError(str(exc)) from exc
 
 
 @features_app.command("build")
@@ -33,7 +23,7 @@ def build(
     from recsys.spark import get_spark
 
     settings = settings_of(ctx)
-    now = _now(ctx)
+    now = reference_time_of(ctx)
     written = run_batch_features(get_spark(settings, "batch-features"), settings, now, DayRange.ending_at(now, days))
     for table, rows in written.items():
         typer.echo(f"{table}: {rows:,} rows")
@@ -63,7 +53,7 @@ def materialize_cmd(
     from pipelines.feature_store import FeatureStoreError, materialize, materialize_incremental
 
     settings = settings_of(ctx)
-    end_ts = parse_time(end) or _now(ctx)
+    end_ts = parse_time(end) or reference_time_of(ctx)
     try:
         if incremental:
             materialize_incremental(settings, end_ts, view)

@@ -18,6 +18,7 @@ import typer
 from pipelines.canonical import DatasetError, Manifest, read_manifest, reference_time
 from pipelines.events import EventProducer
 from pipelines.stack import LocalStack
+from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
 
@@ -103,8 +104,102 @@ def step_features(settings: Settings, days: int = 30) -> None:
                + ", ".join(f"{k}={v[0]}" for k, v in row.items() if k != S.COL_USER))
 
 
+def step_stream(settings: Settings) -> None:
+    """The stream consumer folds the replayed clickstream into real-time user features (until it
+    has caught up); show how the busiest user's features changed, and what is trending."""
+    import redis
+
+    from pipelines import feature_store as fs
+    from pipelines.events import select_events
+    from pipelines.realtime_rules import FEATURES
+    from pipelines.stream import StreamOptions, StreamProcessor
+    from pipelines.trending import read_trending
+
+    now = reference_time(settings.dataset_path, settings.as_of)
+    tail = select_events(settings.dataset_path, end=now, limit=DEMO_REPLAY_EVENTS).column(S.COL_USER).to_pandas()
+    user = int(tail.value_counts().index[0])
+    store = fs.get_store(settings)
+
+    def features() -> dict:
+        row = store.get_online_features(features=[f"user_realtime:{f}" for f in FEATURES],
+                                        entity_rows=[{S.COL_USER: user}]).to_dict()
+        return {f: row[f][0] for f in FEATURES}
+
+    before = features()
+    stats = StreamProcessor(settings, StreamOptions.from_settings(settings, stop_when_caught_up=True)).run()
+    after = features()
+    typer.echo(f"  stream (recsys stream run): {stats.events:,} events, {stats.applied:,} applied, "
+               f"{stats.duplicates:,} already applied before, {stats.dead_letters:,} dead letters")
+    typer.echo(f"  user {user}, real-time features before -> after:")
+    for name in FEATURES:
+        typer.echo(f"    {name:<22} {before[name]!s:<36} -> {after[name]}")
+    if before == after:
+        typer.echo("  (unchanged: an earlier run applied these events; updates are idempotent by event_id)")
+    top = read_trending(redis.Redis.from_url(settings.effective_redis_url), k=5)
+    typer.echo("  trending: " + (", ".join(f"item {i} ({n:.0f})" for i, n in top) or "nothing in the window"))
+
+
+def step_train(settings: Settings) -> None:
+    """Spark ALS on the cleaned events -> embeddings offline and online -> FAISS index -> MLflow
+    and the BentoML model store (what the service loads)."""
+    from models.train import build_index, train_als
+    from pipelines import feature_store as fs
+
+    als = train_als(settings)
+    typer.echo(f"  ALS: {len(als.factors.user_ids):,} users x {len(als.factors.item_ids):,} items, "
+               f"rank {als.factors.rank}, MLflow run {als.run_id}")
+    now = reference_time(settings.dataset_path, settings.as_of)
+    fs.materialize(settings, now - timedelta(days=365), now, views=[T.USER_EMBEDDING, T.ITEM_EMBEDDING])
+    index = build_index(settings)
+    typer.echo(f"  FAISS index saved to the BentoML store as {index.bento_tag}")
+    ranker = _optional_ranker_step(settings)
+    if ranker:
+        typer.echo(f"  ranker: {ranker}")
+
+
+def _optional_ranker_step(settings: Settings) -> str | None:
+    """Train the TensorFlow ranker when the installed code has it (models/ranker.py)."""
+    try:
+        from models.ranker import train_ranker_for_demo
+    except ImportError:
+        return None
+    return train_ranker_for_demo(settings)
+
+
+def step_serve(settings: Settings) -> None:
+    """(Re)start `bentoml serve` with the models just trained, and answer a few requests."""
+    import urllib.request
+
+    stack = LocalStack(settings)
+    stack.down(["service"])  # pick up the new models
+    stack.up(["service"])
+    base = f"http://127.0.0.1:{settings.service_port}"
+
+    def post(path: str, body: dict, key: str | None = None) -> dict:
+        headers = {"content-type": "application/json", **({"x-api-key": key} if key else {})}
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    events = pads.dataset(settings.dataset_path / "events").to_table(columns=[S.COL_USER]).column(0).to_pandas()
+    user = int(events.value_counts().index[len(events.value_counts()) // 2])  # an ordinary active user
+    samples = [
+        ("/recommend", {"user_id": user, "k": 5, "context": {"device": "mobile"}}),
+        ("/recommend", {"user_id": 10_000_000, "k": 5, "context": {"categories": [3, 7]}}),
+        ("/similar_items", {"item_id": 1, "k": 5}),
+    ]
+    for path, body in samples:
+        reply = post(path, body)
+        items = ", ".join(f"{i['item_id']} ({i['strategy']}, {i['score']:.2f})" for i in reply["items"])
+        flags = f" cold_start={reply['cold_start']} degraded={reply['degraded']}" if "cold_start" in reply else ""
+        typer.echo(f"  POST {path} {json.dumps(body)}\n    ->{flags} items: {items}")
+    reply = post("/events", {"user_id": user, "item_id": 1, "event_type": "VIEW"},
+                 key=settings.api_key.get_secret_value())
+    typer.echo(f"  POST /events (with X-API-Key) -> {reply['status']}, event_id {reply['event_id']}")
+
+
 def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000) -> None:
-    steps = 5
+    steps = 7
     typer.secho(f"[1/{steps}] local stack", bold=True)
     step_stack(settings)
     typer.secho(f"[2/{steps}] synthetic data", bold=True)
@@ -114,12 +209,20 @@ def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000) ->
     step_register_dataset(settings, manifest)
     typer.secho(f"[4/{steps}] features: Spark snapshots, feast apply, materialize to Redis", bold=True)
     step_features(settings)
-    typer.secho(f"[5/{steps}] clickstream into Kafka", bold=True)
+    typer.secho(f"[5/{steps}] clickstream: Kafka -> stream consumer -> real-time features", bold=True)
     step_replay_tail(settings)
+    step_stream(settings)
+    typer.secho(f"[6/{steps}] training: Spark ALS, FAISS index, MLflow, BentoML model store", bold=True)
+    step_train(settings)
+    typer.secho(f"[7/{steps}] serving: bentoml serve on port {settings.service_port}, sample requests", bold=True)
+    step_serve(settings)
     typer.secho("\nDone. Where to look next:", bold=True, fg=typer.colors.GREEN)
+    typer.echo(f"  service:   http://127.0.0.1:{settings.service_port}  (POST /recommend, /similar_items; "
+               "GET /metrics, /readyz)")
     typer.echo(f"  data:      {settings.dataset_path}  (recsys data info)")
     typer.echo("  features:  cd feature_repo && ../.venv/bin/feast feature-views list")
     typer.echo("             recsys features show --user 1;  notebooks/training_frame.ipynb")
     typer.echo(f"  MLflow UI: {settings.effective_mlflow_uri}")
     typer.echo(f"  services:  recsys stack status   (logs in {settings.run_path})")
-    typer.echo("The stack keeps running. Stop it with: make down   (or: .venv/bin/recsys stack down)")
+    typer.echo("The stack and the service keep running. Stop them with: make down   "
+               "(or: .venv/bin/recsys stack down)")

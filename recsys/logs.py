@@ -6,7 +6,7 @@ import logging
 import warnings
 
 #: Third-party loggers that are chatty at INFO (kafka-python logs every connection).
-_NOISY = ("kafka", "py4j", "urllib3", "feast", "mlflow", "bentoml", "tensorflow", "absl", "faiss")
+_NOISY = ("kafka", "py4j", "urllib3", "feast", "mlflow", "bentoml", "tensorflow", "absl", "faiss", "httpx")
 
 
 def configure_logging(verbose: bool = False) -> None:

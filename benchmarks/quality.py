@@ -1,0 +1,105 @@
+"""Benchmark: recommendation quality on ML-100K under the one protocol (models.protocol).
+
+Run: ``python -m benchmarks.quality`` -> ``benchmarks/results/quality.json`` (popularity_*, als_*,
+two_stage_* (ALS candidates re-ranked by the TensorFlow ranker), plus the whole evaluation report), ``quality.md`` (a
+table) and ``quality.png`` (ndcg@k for k = 1..20). It runs the same pipeline as ``recsys evaluate`` (tuning ALS on the validation
+split), in a temporary workspace. MovieLens is read from ../shared/data/ml-100k or $RECSYS_ML100K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import RESULTS, write_results
+from recsys.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("popularity", "als", "two_stage")
+METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10")
+#: Measured by the issue's author on the same split with public implementations.
+REFERENCE = {"popularity": (0.096, 0.090), "implicit ALS (tuned)": (0.180, 0.163), "EASE (lambda 100)": (0.183, 0.163)}
+
+
+def ml100k_path() -> Path:
+    path = Path(os.environ.get("RECSYS_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
+    if not (path / "u.data").is_file():
+        raise SystemExit(f"MovieLens 100K not found at {path}: set RECSYS_ML100K to the folder with u.data")
+    return path
+
+
+def plot_ndcg_curves(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in MODELS:
+        model = report["models"].get(name)
+        if model and model.get("ndcg_curve"):
+            curve = model["ndcg_curve"]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=name)
+    ax.set_xlabel("k")
+    ax.set_ylabel("ndcg@k")
+    ax.set_title("ML-100K, per-user temporal split (last 20% of each user)")
+    ax.set_xticks(range(1, 21))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def model_table(report: dict[str, Any]) -> str:
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for name in MODELS:
+        values = [report.get(f"{name}_{m}") for m in METRICS]
+        cells = ["—" if v is None else f"{v:.4f}" for v in values]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, (recall, ndcg) in REFERENCE.items():
+        lines.append(f"| reference: {name} | {recall:.3f} | {ndcg:.3f} | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--no-tune", action="store_true", help="Use the default ALS config (faster).")
+    parser.add_argument("--no-two-stage", action="store_true", help="Skip the ranker (two_stage_* stay empty).")
+    args = parser.parse_args()
+    configure_logging()
+    from models.evaluate import EvaluationConfig, run_evaluation
+    from models.ranker_train import two_stage
+
+    config = EvaluationConfig(grid=None) if args.no_tune else EvaluationConfig()
+    report = run_evaluation(ml100k_path(), None, config=config, track=False,
+                            two_stage=None if args.no_two_stage else two_stage)
+    numbers: dict[str, Any] = {f"{name}_{m}": report[f"{name}_{m}"] for name in MODELS for m in METRICS}
+    numbers["als_hyperparameters"] = report["hyperparameters"]["als"]
+    numbers["tuned"] = report["hyperparameters"]["tuned"]
+    numbers["ndcg_curves"] = {name: (report["models"][name] or {}).get("ndcg_curve") for name in MODELS}
+    numbers["slices"] = {name: (report["models"][name] or {}).get("slices") for name in MODELS}
+    numbers["timings"] = report["timings"]
+    numbers["report"] = report  # the whole `recsys evaluate` report, for anything not above
+    plot = plot_ndcg_curves(report, RESULTS / "quality.png")
+    rows = [(k, "—" if numbers[k] is None else f"{numbers[k]:.4f}") for k in
+            (f"{n}_{m}" for n in MODELS for m in ("recall@10", "ndcg@10"))]
+    best = report["hyperparameters"]["als"]
+    notes = (f"{model_table(report)}\n\nALS: rank {best['rank']}, regParam {best['reg_param']}, alpha {best['alpha']}, "
+             f"{best['max_iter']} iterations ({'tuned on the validation split' if numbers['tuned'] else 'defaults'}). "
+             f"Protocol: README, 'Training and evaluation'. Full report: quality.json, key `report`; "
+             f"ndcg@k curves: {plot.name}. two_stage: the ALS candidates (models.retrieval) "
+             f"re-ranked by the TensorFlow ranker (models.ranker_train.two_stage). "
+             f"Total {report['timings']['total_s']}s on this machine.")
+    path = write_results("quality", numbers, rows, notes=notes)
+    log.info("wrote %s and %s", path, plot)
+
+
+if __name__ == "__main__":
+    main()

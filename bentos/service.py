@@ -1,0 +1,198 @@
+"""The BentoML recommendation service: ``bentoml serve`` from the repository root.
+
+Endpoints: POST /recommend, /similar_items, /events (API key), /items (API key); GET /healthz,
+/readyz and /metrics come from BentoML (readiness also asks ``__is_ready__`` below).
+
+The FAISS index and the ranker are BentoML models pinned as class attributes, so
+``bentoml build`` packages them; when the model store lacks one, the service starts without it
+(content, trending and popularity only), logs why, and says so in ``model_versions``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import datetime, timezone
+from typing import Annotated, Any, Optional
+
+import bentoml
+from annotated_types import Ge, Le
+
+from bentos.auth import ApiKeyMiddleware
+from bentos.schemas import (
+    Context,
+    EventAccepted,
+    EventKind,
+    ItemAdded,
+    NewItem,
+    RecommendResponse,
+    SimilarItemsResponse,
+)
+from recsys import schema as S
+
+log = logging.getLogger("bentos.service")
+
+INDEX_MODEL = "item_index"  # models.tracking.BENTO_INDEX_MODEL
+RANKER_MODEL = "ranker"
+WRITE_ROUTES = ("/events", "/items")
+
+
+def _pinned(name: str) -> Any:
+    """A BentoModel reference when the store has the model, else None: the service must also
+    start before anything was trained (BentoML refuses to serve a missing pinned model)."""
+    try:
+        bentoml.models.get(f"{name}:latest")
+    except bentoml.exceptions.NotFound:
+        return None
+    return bentoml.models.BentoModel(f"{name}:latest")
+
+
+@bentoml.service(name="recsys", traffic={"timeout": 10, "max_concurrency": 256}, workers=1)
+class Recommender:
+    index_model = _pinned(INDEX_MODEL)
+    ranker_model = _pinned(RANKER_MODEL)
+
+    def __init__(self) -> None:
+        from bentos.factory import build_engine, new_items_log
+        from recsys.config import load_settings
+
+        self.settings = load_settings()
+        versions: dict[str, str] = {}
+        index_dir = self._model_dir(self.index_model, INDEX_MODEL, "index", versions)
+        ranker_dir = self._model_dir(self.ranker_model, RANKER_MODEL, "ranker", versions)
+        self.engine = build_engine(self.settings, index_dir, ranker_dir, model_versions=versions)
+        self.new_items_path = new_items_log(self.settings)
+        self._producer: Any = None
+        self._producer_lock = threading.Lock()
+        self._listener = threading.Thread(target=self._listen_for_new_items, daemon=True, name="new-items")
+        self._listener.start()
+
+    @staticmethod
+    def _model_dir(ref: Any, name: str, label: str, versions: dict[str, str]) -> Any:
+        # on an instance, BentoML resolves a pinned BentoModel to the stored model itself
+        stored = getattr(ref, "stored", ref) if ref is not None else None
+        if stored is None:
+            log.warning("no %s in the BentoML model store: run `recsys train` (serving without it)", name)
+            versions[label] = "absent"
+            return None
+        versions[label] = str(stored.tag)
+        run_id = stored.info.labels.get("mlflow_run_id")
+        if run_id:
+            versions[f"{label}_mlflow_run"] = run_id
+        return stored.path
+
+    def __is_ready__(self) -> bool:
+        return len(self.engine.catalog) > 0
+
+    # ---- read endpoints ----------------------------------------------------------------------
+
+    @bentoml.api(route="/recommend")
+    def recommend(
+        self,
+        user_id: Annotated[int, Ge(0)],
+        k: Annotated[int, Ge(1), Le(100)] = 10,
+        context: Optional[Context] = None,
+    ) -> RecommendResponse:
+        """Top-k items for a user now; an unknown user is a cold-start user."""
+        rec = self.engine.recommend(user_id, k, context.model_dump(exclude_none=True) if context else None)
+        return RecommendResponse(**rec.to_dict())
+
+    @bentoml.api(route="/similar_items")
+    def similar_items(
+        self,
+        item_id: Annotated[int, Ge(0)],
+        k: Annotated[int, Ge(1), Le(100)] = 10,
+        ctx: bentoml.Context = None,  # type: ignore[assignment]
+    ) -> SimilarItemsResponse:
+        """Items most similar to one item (cosine of ALS vectors; category neighbours otherwise)."""
+        try:
+            items = self.engine.similar_items(item_id, k)
+        except KeyError:
+            ctx.response.status_code = 404
+            return SimilarItemsResponse(item_id=item_id, items=[])
+        return SimilarItemsResponse(item_id=item_id, items=items)
+
+    # ---- write endpoints (the API key is checked by ApiKeyMiddleware before the body) ---------
+
+    def _get_producer(self) -> Any:
+        from pipelines.events import EventProducer
+
+        with self._producer_lock:
+            if self._producer is None:
+                self._producer = EventProducer(self.settings.effective_kafka_bootstrap, self.settings.events_topic,
+                                               request_timeout_ms=2000, max_block_ms=2000, bootstrap_timeout_ms=2000)
+            return self._producer
+
+    @bentoml.api(route="/events")
+    def events(
+        self,
+        user_id: Annotated[int, Ge(0)],
+        item_id: Annotated[int, Ge(0)],
+        event_type: EventKind,
+        value: Optional[Annotated[float, Ge(0)]] = None,
+        session_id: Optional[str] = None,
+        context: Optional[Context] = None,
+        ctx: bentoml.Context = None,  # type: ignore[assignment]
+    ) -> EventAccepted:
+        """Record a clickstream event: the server fills event_id and the time, then Kafka."""
+        from pipelines.events import new_event
+
+        event = new_event(user_id, item_id, event_type, value=value, session_id=session_id,
+                          context=context.model_dump(exclude_none=True, exclude={"categories"}) if context else None)
+        stamp = event[S.COL_TS].isoformat()
+        try:
+            self._get_producer().send(event).get(timeout=2)
+        except Exception as exc:  # noqa: BLE001 - any Kafka failure: tell the client to retry, never drop silently
+            log.warning("Kafka unavailable for /events: %s", exc)
+            with self._producer_lock:
+                self._producer = None  # reconnect on the next call
+            ctx.response.status_code = 503
+            ctx.response.headers["Retry-After"] = "5"
+            return EventAccepted(event_id=event[S.COL_EVENT_ID], event_timestamp=stamp, status="unavailable")
+        return EventAccepted(event_id=event[S.COL_EVENT_ID], event_timestamp=stamp)
+
+    @bentoml.api(route="/items", input_spec=NewItem)  # the item's fields at the top level of the body
+    def items(self, **fields: Any) -> ItemAdded:
+        """Add a new item: catalogue, FAISS (category-mean vector), persisted, broadcast to workers."""
+        from bentos.factory import NEW_ITEMS_CHANNEL, add_item
+
+        item = NewItem(**fields)
+        row = item.model_dump()
+        row[S.COL_CREATED_AT] = datetime.now(timezone.utc).isoformat()
+        source = add_item(self.engine, _parse_created(row))
+        self.new_items_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.new_items_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        try:
+            self.engine.client.publish(NEW_ITEMS_CHANNEL, json.dumps({"origin": id(self), "item": row}))
+        except Exception as exc:  # noqa: BLE001 - other workers will pick it up from the log on restart
+            log.warning("could not broadcast new item %s: %s", item.item_id, exc)
+        return ItemAdded(item_id=item.item_id, indexed=self.engine.index is not None, embedding_from=source)
+
+    def _listen_for_new_items(self) -> None:
+        """Add items that other workers received, as they arrive (Redis pub/sub)."""
+        import time
+
+        from bentos.factory import NEW_ITEMS_CHANNEL, add_item, redis_client
+
+        while True:
+            try:
+                pubsub = redis_client(self.settings, timeout_s=5.0).pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(NEW_ITEMS_CHANNEL)
+                for message in pubsub.listen():
+                    body = json.loads(message["data"])
+                    if body.get("origin") != id(self):
+                        add_item(self.engine, _parse_created(body["item"]))
+            except Exception as exc:  # noqa: BLE001 - keep listening across Redis restarts
+                log.debug("new-item listener reconnecting: %s", exc)
+                time.sleep(1.0)
+
+
+def _parse_created(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out[S.COL_CREATED_AT] = datetime.fromisoformat(str(row[S.COL_CREATED_AT]))
+    return out
+
+
+Recommender.add_asgi_middleware(ApiKeyMiddleware, protected=WRITE_ROUTES)

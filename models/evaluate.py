@@ -1,0 +1,374 @@
+"""``recsys evaluate``: load -> split -> clean -> tune -> fit -> evaluate, under the one protocol
+(:mod:`models.protocol`), in a workspace of its own.
+
+The workspace holds the canonical copy of the input, the factors, and an MLflow store (SQLite, so
+its runs and registered models never mix with the demo's); nothing outside it is written but the
+report. Hyperparameters are tuned on the validation split (the protocol's split applied to train),
+never on test.
+
+The report's ``two_stage_*`` keys are reserved for the two-stage model (retrieval candidates
+re-ranked by the TensorFlow ranker): pass ``two_stage`` to :func:`run_evaluation` to fill them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from models.als import ALSConfig, ALSGrid, Factors, Popularity, TuningResult, export_factors, fit_als, tune_als
+from models.protocol import (
+    KS,
+    TEST_FRACTION,
+    EvalSet,
+    build_eval_set,
+    evaluate_top_k,
+    rank_with,
+    ranking_metrics_spark,
+    temporal_split,
+    positives_of,
+    top_k_frame,
+)
+from pipelines.canonical import MANIFEST, read_manifest
+from pipelines.cleaning import CleaningConfig, CleaningResult, clean_events
+from recsys import schema as S
+from recsys.config import Settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "ml-100k", "ml-csv", "canonical")
+#: Report keys each model fills, prefixed by the model name (popularity_, als_, two_stage_).
+HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10")
+TWO_STAGE = "two_stage"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """``grid=None`` skips tuning and uses ``als`` and ``cleaning`` as given. Otherwise the ALS
+    grid is tuned first (with ``cleaning``), then the time decay over ``decays`` with the best
+    ALS config, both on the validation split."""
+
+    als: ALSConfig = field(default_factory=ALSConfig)
+    grid: ALSGrid | None = field(default_factory=ALSGrid)
+    cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    decays: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03)
+    test_fraction: float = TEST_FRACTION
+    ks: tuple[int, ...] = KS
+    curve_to: int = 20  # ndcg@1..curve_to in the report, for the plot
+
+
+@dataclass
+class EvalContext:
+    """What the models of one evaluation share. A two-stage step gets it whole: the raw train
+    and test events (Spark), the test and validation :class:`EvalSet`, the tuned ALS config and
+    the factors fitted on all of train, the cleaning config, and the workspace settings."""
+
+    spark: SparkSession
+    settings: Settings
+    dataset_dir: Path
+    train: DataFrame
+    test: DataFrame
+    train_rows: pd.DataFrame  # user_id, item_id, event_timestamp of every train event
+    eval_set: EvalSet
+    validation: EvalSet
+    cleaning: CleaningConfig
+    als: ALSConfig
+    factors: Factors
+    cutoff: datetime
+
+
+#: Returns ranked catalogue columns (``eval_set.users`` x at least max(ks), -1 padded).
+TwoStageFn = Callable[[EvalContext], np.ndarray]
+
+
+class Timer:
+    """Seconds per stage (``<stage>_s``), summed over repeated stages."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("evaluate: %s", stage)
+        yield
+        self.seconds[f"{stage}_s"] = round(self.seconds.get(f"{stage}_s", 0.0) + time.perf_counter() - start, 2)
+
+
+# ---- stages -----------------------------------------------------------------------------------
+
+
+def load_dataset(data: Path, workspace: Path, layout: str = "auto") -> Path:
+    """The canonical dataset to evaluate: a MovieLens folder is loaded into the workspace; a
+    canonical dataset folder (with manifest.json) is read where it is, never written."""
+    from pipelines.loaders import load_movielens
+
+    data = Path(data)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: choose {', '.join(LAYOUTS)}")
+    if layout == "canonical" or (layout == "auto" and (data / MANIFEST).is_file()):
+        read_manifest(data)  # a clear error when it is not one
+        return data
+    target = workspace / "data" / "canonical" / data.name
+    load_movielens(data, target, layout=layout)
+    return target
+
+
+def _max_time(frame: DataFrame) -> datetime:
+    from pyspark.sql import functions as F
+
+    micros = frame.agg(F.max(F.unix_micros(F.col(S.COL_TS)))).first()[0]
+    if micros is None:
+        raise ValueError("no events to evaluate on: the dataset is empty")
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(micros))  # exact, no float
+
+
+def _eval_set(train: DataFrame, test: DataFrame, catalogue: np.ndarray) -> tuple[EvalSet, pd.DataFrame]:
+    rows = train.select(S.COL_USER, S.COL_ITEM, S.COL_TS).toPandas()
+    positives = positives_of(train, test).toPandas()
+    return build_eval_set(rows, positives, catalogue), rows
+
+
+def _clean(frame: DataFrame, cfg: CleaningConfig, items: DataFrame) -> CleaningResult:
+    return clean_events(frame, _max_time(frame), cfg, catalogue=items)
+
+
+def tune_decay(fit_events: DataFrame, items: DataFrame, validation: EvalSet, als: ALSConfig,
+               cleaning: CleaningConfig, decays: tuple[float, ...]) -> tuple[CleaningConfig, list[dict[str, float]]]:
+    """The time decay (per day) with the best validation ndcg@10 for the tuned ALS config; ties
+    keep the smaller decay. Returns the cleaning config to train with and the trials."""
+    from models.protocol import evaluate_scorer
+
+    trials: list[dict[str, float]] = []
+    best_cfg, best_ndcg = cleaning, -1.0
+    for decay in sorted(decays):
+        candidate = replace(cleaning, decay_per_day=decay)
+        cleaned = _clean(fit_events, candidate, items)
+        factors = fit_als(cleaned.interactions, als, cleaned.reference_time)
+        report = evaluate_scorer(validation, factors.score_fn(validation.catalogue, validation.popularity))
+        cleaned.interactions.unpersist()
+        trials.append({"decay_per_day": decay, "ndcg@10": round(report["ndcg@10"], 5),
+                       "recall@10": round(report["recall@10"], 5)})
+        log.info("decay %.3g/day: validation ndcg@10 %.4f", decay, report["ndcg@10"])
+        if report["ndcg@10"] > best_ndcg:
+            best_cfg, best_ndcg = candidate, report["ndcg@10"]
+    return best_cfg, trials
+
+
+def workspace_settings(base: Settings, workspace: Path, dataset: str, tracking_uri: str | None) -> Settings:
+    """Settings whose data, run dir and MLflow store are the workspace's own."""
+    return base.with_overrides(
+        data_dir=workspace / "data", run_dir=workspace / "run", dataset=dataset,
+        mlflow_tracking_uri=tracking_uri or f"sqlite:///{(workspace / 'mlflow.db').resolve()}",
+    )
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if not np.isfinite(value) else round(value, 5)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _headline(name: str, report: dict[str, Any] | None) -> dict[str, Any]:
+    return {f"{name}_{key}": (report or {}).get(key) for key in HEADLINE}
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+
+
+@dataclass
+class Holdout:
+    """One protocol split of some events: the train and test frames (persisted), the test's
+    :class:`EvalSet` and the train rows (user_id, item_id, event_timestamp) in pandas."""
+
+    train: DataFrame
+    test: DataFrame
+    eval_set: EvalSet
+    train_rows: pd.DataFrame
+
+    def unpersist(self) -> None:
+        self.train.unpersist()
+        self.test.unpersist()
+
+
+def holdout(events: DataFrame, catalogue: np.ndarray, test_fraction: float = TEST_FRACTION) -> Holdout:
+    """Split ``events`` by the protocol; apply it to a holdout's ``train`` for validation."""
+    train, test = temporal_split(events, test_fraction)
+    train, test = train.persist(), test.persist()
+    eval_set, train_rows = _eval_set(train, test, catalogue)
+    log.info("split: %d train rows, %d users with test positives, catalogue %d",
+             len(train_rows), len(eval_set.users), len(catalogue))
+    return Holdout(train, test, eval_set, train_rows)
+
+
+def tune(validation: Holdout, items: DataFrame, cfg: EvaluationConfig, timer: Timer,
+         progress: bool = True) -> tuple[ALSConfig, CleaningConfig, dict[str, Any] | None]:
+    """(ALS config, cleaning config, tuning report), fitted on ``validation.train`` and scored on
+    its test part; ``cfg.grid=None`` returns the configured ones untouched."""
+    if cfg.grid is None:
+        return cfg.als, cfg.cleaning, None
+    with timer("clean"):
+        clean_fit = _clean(validation.train, cfg.cleaning, items)
+    with timer("tune"):
+        result: TuningResult = tune_als(clean_fit.interactions, validation.eval_set, clean_fit.reference_time,
+                                        cfg.grid, cfg.als, progress=progress)
+        clean_fit.interactions.unpersist()
+        cleaning, decay_trials = tune_decay(validation.train, items, validation.eval_set, result.best, cfg.cleaning,
+                                            cfg.decays)
+    return result.best, cleaning, {**result.as_dict(), "decay_trials": decay_trials}
+
+
+def score_models(spark: SparkSession, split: Holdout, factors: Factors, cfg: EvaluationConfig) -> dict[str, Any]:
+    """Popularity and ALS under the protocol, the ALS ranking cross-checked by the Spark metrics."""
+    eval_set, catalogue = split.eval_set, split.eval_set.catalogue
+    depth = max(max(cfg.ks), 10, cfg.curve_to)
+    popularity = Popularity.fit(split.train_rows)
+    pop_ranked = rank_with(eval_set, popularity.score_fn(catalogue), depth)
+    # users without an ALS vector (cleaning removed them, or no train rows) fall back to popularity
+    als_ranked = rank_with(eval_set, factors.score_fn(catalogue, fallback=popularity.scores(catalogue)), depth)
+    models: dict[str, Any] = {"popularity": evaluate_top_k(eval_set, pop_ranked, cfg.ks, cfg.curve_to),
+                              "als": evaluate_top_k(eval_set, als_ranked, cfg.ks, cfg.curve_to)}
+    positives = pd.DataFrame({S.COL_USER: np.repeat(eval_set.users, [len(p) for p in eval_set.positives]),
+                              S.COL_ITEM: catalogue[np.concatenate(eval_set.positives)]})
+    models["als"]["spark_check"] = ranking_metrics_spark(
+        spark.createDataFrame(top_k_frame(eval_set, als_ranked)), spark.createDataFrame(positives), 10)
+    return models
+
+
+def run_evaluation(
+    data: Path,
+    out: Path | None = None,
+    *,
+    layout: str = "auto",
+    workspace: Path | None = None,
+    config: EvaluationConfig | None = None,
+    settings: Settings | None = None,
+    tracking_uri: str | None = None,
+    track: bool = True,
+    two_stage: TwoStageFn | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate popularity and ALS (and ``two_stage`` when given) on ``data``; write the JSON
+    report to ``out`` and return it. Without ``workspace`` a temporary one is used and removed."""
+    from recsys.spark import get_spark
+
+    cfg = config or EvaluationConfig()
+    temporary = workspace is None
+    ws = Path(tempfile.mkdtemp(prefix="recsys-evaluate-")) if temporary else Path(workspace)
+    ws.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    started = time.perf_counter()
+    try:
+        with timer("load"):
+            dataset_dir = load_dataset(data, ws, layout)
+        ws_settings = workspace_settings(settings or Settings(), ws, dataset_dir.name, tracking_uri)
+        spark = get_spark(ws_settings, app_name="recsys-evaluate")
+        events = spark.read.parquet(str(dataset_dir / "events")).persist()
+        items = spark.read.parquet(str(dataset_dir / "items")).select(S.COL_ITEM).persist()
+        catalogue = np.sort(items.toPandas()[S.COL_ITEM].to_numpy().astype(np.int64))
+        with timer("split"):
+            split = holdout(events, catalogue, cfg.test_fraction)
+            validation = holdout(split.train, catalogue, cfg.test_fraction)  # carved from train only
+        best, cleaning, tuning = tune(validation, items, cfg, timer, progress)
+        with timer("clean"):
+            clean_train = _clean(split.train, cleaning, items)
+        with timer("fit"):
+            factors = fit_als(clean_train.interactions, best, clean_train.reference_time)
+        with timer("evaluate"):
+            models = score_models(spark, split, factors, cfg)
+            models[TWO_STAGE] = None  # TWO-STAGE: the ranker's step fills it (and the two_stage_* keys)
+            if two_stage is not None:
+                context = EvalContext(spark, ws_settings, dataset_dir, split.train, split.test, split.train_rows,
+                                      split.eval_set, validation.eval_set, cleaning, best, factors,
+                                      clean_train.reference_time)
+                models[TWO_STAGE] = evaluate_top_k(split.eval_set, two_stage(context), cfg.ks, cfg.curve_to)
+
+        manifest = read_manifest(dataset_dir)
+        report: dict[str, Any] = {
+            **_headline("popularity", models["popularity"]),
+            **_headline("als", models["als"]),
+            **_headline(TWO_STAGE, models[TWO_STAGE]),  # None until the ranker fills them
+            "dataset": {"path": str(data), "source": manifest.source, "events": manifest.events,
+                        "users": manifest.users, "items": manifest.items,
+                        "fingerprint": _fingerprint(dataset_dir)},
+            "protocol": {"test_fraction": cfg.test_fraction, "ks": list(cfg.ks),
+                         "scored_users": len(split.eval_set.users), "validation_users": len(validation.eval_set.users),
+                         "catalogue": len(catalogue), "training_cutoff": clean_train.reference_time.isoformat()},
+            "hyperparameters": {"als": asdict(best), "cleaning": _cleaning_params(cleaning),
+                                "tuned": tuning is not None},
+            "tuning": tuning,
+            "cleaning": clean_train.as_dict(),
+            "models": models,
+            "timings": timer.seconds,
+        }
+        if track:
+            report["mlflow"] = _track(ws_settings, ws, report, factors, best, cleaning, cfg)
+        report["timings"]["total_s"] = round(time.perf_counter() - started, 2)
+        report = _rounded(report)
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(report, indent=2) + "\n")
+            log.info("wrote %s", out)
+        split.unpersist()
+        validation.unpersist()
+        for frame in (events, items, clean_train.interactions, clean_train.events):
+            frame.unpersist()
+        return report
+    finally:
+        if temporary:
+            shutil.rmtree(ws, ignore_errors=True)
+
+
+def _fingerprint(dataset_dir: Path) -> str:
+    from models.tracking import dataset_fingerprint
+
+    return dataset_fingerprint(dataset_dir)
+
+
+def _cleaning_params(cfg: CleaningConfig) -> dict[str, Any]:
+    params = asdict(cfg)
+    params["event_weights"] = dict(cfg.event_weights)
+    return params
+
+
+def _track(settings: Settings, ws: Path, report: dict[str, Any], factors: Factors, best: ALSConfig,
+           cleaning: CleaningConfig, cfg: EvaluationConfig) -> dict[str, Any]:
+    """Log the evaluation as a training run in the workspace's own MLflow store."""
+    from models.als import embedding_table_path
+    from models.tracking import ALS_MODEL_NAME, AlsRecommender, ModelSpec, log_training_run
+
+    user_dir, item_dir = embedding_table_path(settings, "user"), embedding_table_path(settings, "item")
+    export_factors(factors, user_dir, item_dir)
+    report_path = ws / "report.json"
+    report_path.write_text(json.dumps(_rounded(report), indent=2) + "\n")
+    params = {**best.params(), **{f"cleaning_{k}": v for k, v in _cleaning_params(cleaning).items()},
+              "test_fraction": cfg.test_fraction, "tuned": cfg.grid is not None}
+    metrics = {k: v for k, v in report.items()
+               if k.startswith(("popularity_", "als_", f"{TWO_STAGE}_")) and v is not None}
+    run = log_training_run(
+        settings.effective_mlflow_uri, "evaluation", f"evaluate-{settings.dataset}", params, metrics,
+        report["dataset"]["fingerprint"], artifacts={"report": report_path, "user_embedding": user_dir,
+                                                     "item_embedding": item_dir},
+        models=[ModelSpec(ALS_MODEL_NAME, AlsRecommender(), {"user_embedding": user_dir, "item_embedding": item_dir},
+                          S.COL_USER)],
+        artifact_location=(ws / "mlartifacts").resolve().as_uri() if settings.effective_mlflow_uri.startswith("sqlite") else None,
+    )
+    return {"tracking_uri": run.tracking_uri, "run_id": run.run_id, "registered": run.registered}

@@ -1,0 +1,503 @@
+"""The TensorFlow ranker: logits for one user against a batch of candidates.
+
+Inputs are the online features the service reads (short Feast feature names, as
+``get_training_frame`` and ``bentos.engine`` both name them), turned into tensors by one
+:class:`FeatureEncoder` that training and serving share, so the two can never disagree:
+
+- user: profile (``n_events``, ``n_events_7d``, ``mean_rating``, ``days_since_first_seen``),
+  real-time (``interaction_count``, ``total_purchases``) and context (hour of day and day of week
+  of the request, as sin/cos); every value has a missing-mask beside it (missing = imputed to the
+  training mean, i.e. 0 after standardisation);
+- item: profile (``price``, ``margin``, ``quality_score``, ``inventory``, ``popularity_1d``,
+  ``popularity_7d``), whether its ``category_id`` is among the user's ``top_categories`` /
+  ``preferred_categories`` (with masks), and the category itself (an embedding);
+- ALS: the user and item vectors; the model computes ``user . item`` (the ALS score), both norms
+  and the cosine itself (a missing vector is zeros plus a flag), and the score's place in the
+  user's candidate list (:func:`list_features`). ``user * item`` per factor is optional and off:
+  the ranker is trained on a label-time ALS and served with another fit, and factor axes do not
+  carry over from one fit to the next.
+
+The model is a small deep-and-wide network trained with binary cross-entropy; the SavedModel's
+``serve`` endpoint scores ONE user against N candidates in one call (:func:`export_ranker`): it
+takes the user's tensors once, the candidates' as a batch, and computes the list features over
+that batch; and :func:`load_scorer` wraps it as the
+service's ``Scorer``. TensorFlow is imported inside functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from models._util import replace_dir
+from recsys import schema as S
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+SAVED_MODEL_DIR = "saved_model"
+META_FILE = "ranker.json"
+SERVE_ENDPOINT = "serve"
+BENTO_RANKER_MODEL = "ranker"  # the name bentos/service.py pins
+
+#: (feature, transform) pairs; counts and prices are log1p'd before standardisation.
+USER_NUMERIC: tuple[tuple[str, str], ...] = (
+    ("n_events", "log1p"), ("n_events_7d", "log1p"), ("mean_rating", "identity"),
+    ("days_since_first_seen", "log1p"), ("interaction_count", "log1p"), ("total_purchases", "log1p"),
+)
+ITEM_NUMERIC: tuple[tuple[str, str], ...] = (
+    ("price", "log1p"), ("margin", "identity"), ("quality_score", "identity"), ("inventory", "log1p"),
+    ("popularity_1d", "log1p"), ("popularity_7d", "log1p"),
+)
+USER_LISTS = ("top_categories", "preferred_categories")
+USER_EMBEDDING, ITEM_EMBEDDING = "user_embedding", "item_embedding"
+COL_RETRIEVED = "retrieved"  # training frames: whether retrieval found the row's item
+N_CONTEXT = 4  # hour sin/cos, weekday sin/cos
+#: Every online feature the ranker reads: the service must provide these (bentos.engine lists).
+USER_INPUTS: tuple[str, ...] = tuple(n for n, _ in USER_NUMERIC) + USER_LISTS + (USER_EMBEDDING,)
+ITEM_INPUTS: tuple[str, ...] = tuple(n for n, _ in ITEM_NUMERIC) + (S.COL_CATEGORY, ITEM_EMBEDDING)
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Network and training hyperparameters. On a GPU the batch is ``batch_size *
+    gpu_batch_multiplier`` and the layers compute in mixed precision (float16, float32 logits)."""
+
+    hidden: tuple[int, ...] = (128, 64)
+    category_buckets: int = 64
+    category_dim: int = 8
+    dropout: float = 0.1
+    epochs: int = 4
+    batch_size: int = 512
+    gpu_batch_multiplier: int = 4
+    learning_rate: float = 2e-3
+    #: Feed ``user * item`` (per factor) to the MLP. Off by default: the ranker is trained on the
+    #: label-time ALS and served with another fit, and ALS factor axes are arbitrary (any rotation
+    #: fits equally well), so per-axis weights do not transfer; the dot, norms and cosine do.
+    use_product: bool = False
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.hidden or min(self.hidden) < 1:
+            problems.append(f"hidden={self.hidden} needs at least one layer of >= 1 unit")
+        if self.category_buckets < 2 or self.category_dim < 1:
+            problems.append(f"category_buckets={self.category_buckets} must be >= 2 and category_dim >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout} must be within [0, 1)")
+        if self.epochs < 1 or self.batch_size < 1 or self.gpu_batch_multiplier < 1:
+            problems.append("epochs, batch_size and gpu_batch_multiplier must be >= 1")
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate={self.learning_rate} must be > 0")
+        if problems:
+            raise ValueError("invalid ranker config: " + "; ".join(problems))
+
+    def params(self) -> dict[str, Any]:
+        return {f"ranker_{k}": v for k, v in asdict(self).items()}
+
+
+# ---- features -> tensors (shared by training and serving) --------------------------------------
+
+
+def _floats(values: Sequence[Any] | np.ndarray | None, n: int) -> np.ndarray:
+    """Numbers as float64 with NaN for None/NaN/NaT (a missing column is all NaN)."""
+    if values is None:
+        return np.full(n, np.nan)
+    return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _transform(x: np.ndarray, kind: str) -> np.ndarray:
+    return np.log1p(np.maximum(x, 0.0)) if kind == "log1p" else x
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def _context(timestamps: Sequence[Any]) -> np.ndarray:
+    """(n, 4): hour of day and day of week as sin/cos; missing times give zeros."""
+    ts = pd.to_datetime(pd.Series(list(timestamps)), utc=True, errors="coerce")
+    hour = (ts.dt.hour + ts.dt.minute / 60.0).to_numpy(dtype=np.float64)
+    day = ts.dt.dayofweek.to_numpy(dtype=np.float64)
+    out = np.stack([np.sin(2 * math.pi * hour / 24), np.cos(2 * math.pi * hour / 24),
+                    np.sin(2 * math.pi * day / 7), np.cos(2 * math.pi * day / 7)], axis=1)
+    return np.nan_to_num(out)
+
+
+N_LIST = 2  # the ALS score against the user's candidate list: z-score, gap to the list's best
+
+
+def list_features(dot: np.ndarray, groups: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """(n, 2) float32: each row's ALS score standardised within its group (one user's candidate
+    list) and its gap to the group's best. Mean, std and best come from the ``reference`` rows
+    (the retrieved candidates; random negatives are scored against the list, not part of it).
+    A pointwise model needs this: raw ALS scores differ in scale from user to user. The serving
+    endpoint computes the same over its batch (one user's candidates)."""
+    dot = np.asarray(dot, dtype=np.float32)
+    reference = np.ones(len(dot), bool) if reference is None else np.asarray(reference, bool)
+    out = np.zeros((len(dot), N_LIST), dtype=np.float32)
+    for group in np.unique(groups):
+        rows = groups == group
+        ref = dot[rows & reference] if (rows & reference).any() else dot[rows]
+        out[rows, 0] = (dot[rows] - ref.mean()) / (ref.std() + np.float32(1e-6))
+        out[rows, 1] = dot[rows] - ref.max()
+    return out
+
+
+@dataclass
+class FeatureEncoder:
+    """Turns feature columns into the model's tensors. ``means``/``stds`` are fitted on the
+    training frame (after log1p where it applies), so missing values impute to the mean."""
+
+    rank: int
+    category_buckets: int
+    user_means: list[float] = field(default_factory=list)
+    user_stds: list[float] = field(default_factory=list)
+    item_means: list[float] = field(default_factory=list)
+    item_stds: list[float] = field(default_factory=list)
+
+    @property
+    def user_dim(self) -> int:
+        return 2 * len(USER_NUMERIC) + 1 + N_CONTEXT
+
+    @property
+    def item_dim(self) -> int:
+        return 2 * len(ITEM_NUMERIC) + 2 * len(USER_LISTS) + 1
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, rank: int, category_buckets: int) -> FeatureEncoder:
+        def stats(spec: tuple[tuple[str, str], ...]) -> tuple[list[float], list[float]]:
+            means, stds = [], []
+            for name, kind in spec:
+                x = _transform(_floats(frame[name] if name in frame else None, len(frame)), kind)
+                finite = x[np.isfinite(x)]
+                means.append(float(finite.mean()) if finite.size else 0.0)
+                std = float(finite.std()) if finite.size else 0.0
+                stds.append(std if std > 1e-9 else 1.0)
+            return means, stds
+
+        user_means, user_stds = stats(USER_NUMERIC)
+        item_means, item_stds = stats(ITEM_NUMERIC)
+        return cls(rank, category_buckets, user_means, user_stds, item_means, item_stds)
+
+    def _numeric(self, cols: Mapping[str, Any], spec: tuple[tuple[str, str], ...], means: list[float],
+                 stds: list[float], n: int) -> np.ndarray:
+        values, masks = [], []
+        for (name, kind), mean, std in zip(spec, means, stds):
+            x = _transform(_floats(cols.get(name), n), kind)
+            missing = ~np.isfinite(x)
+            values.append(np.where(missing, 0.0, (x - mean) / std))
+            masks.append(missing.astype(np.float64))
+        return np.stack(values + masks, axis=1)
+
+    def user_matrix(self, cols: Mapping[str, Any], timestamps: Sequence[Any], n: int) -> np.ndarray:
+        """(n, user_dim): standardised values, their masks, has-ALS-vector, context."""
+        has_vector = np.array([_is_list(v) and len(v) == self.rank for v in _column(cols, USER_EMBEDDING, n)])
+        return np.concatenate([self._numeric(cols, USER_NUMERIC, self.user_means, self.user_stds, n),
+                               has_vector[:, None].astype(np.float64), _context(timestamps)], axis=1).astype(np.float32)
+
+    def item_matrix(self, cols: Mapping[str, Any], user_lists: Mapping[str, Sequence[Any]], n: int) -> np.ndarray:
+        """(n, item_dim): standardised values, masks, category matches with the user's lists
+        (row i against ``user_lists[name][i]``) and their masks, has-ALS-vector."""
+        category = _floats(cols.get(S.COL_CATEGORY), n)
+        matches, masks = [], []
+        for name in USER_LISTS:
+            lists = user_lists.get(name) or [None] * n
+            known = np.array([_is_list(v) and len(v) > 0 for v in lists]) & np.isfinite(category)
+            hit = np.array([bool(k) and int(c) in {int(x) for x in v} for k, c, v in zip(known, category, lists)])
+            matches.append(hit.astype(np.float64))
+            masks.append((~known).astype(np.float64))
+        has_vector = np.array([_is_list(v) and len(v) == self.rank for v in _column(cols, ITEM_EMBEDDING, n)])
+        return np.concatenate([self._numeric(cols, ITEM_NUMERIC, self.item_means, self.item_stds, n),
+                               np.stack(matches + masks, axis=1), has_vector[:, None].astype(np.float64)],
+                              axis=1).astype(np.float32)
+
+    def categories(self, cols: Mapping[str, Any], n: int) -> np.ndarray:
+        """(n,) int32 bucket of ``category_id``: 1 + id mod (buckets - 1); 0 = missing."""
+        category = _floats(cols.get(S.COL_CATEGORY), n)
+        known = np.isfinite(category)
+        out = np.zeros(n, dtype=np.int32)
+        out[known] = 1 + np.mod(category[known].astype(np.int64), self.category_buckets - 1)
+        return out
+
+    def embeddings(self, values: Sequence[Any], n: int) -> np.ndarray:
+        """(n, rank) float32; a missing vector (or one of the wrong size) is all zeros."""
+        out = np.zeros((n, self.rank), dtype=np.float32)
+        for row, value in enumerate(values):
+            if _is_list(value) and len(value) == self.rank:
+                out[row] = np.asarray(value, dtype=np.float32)
+        return out
+
+    def encode_frame(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """One training row per frame row: the model's inputs (row-aligned with ``frame``)."""
+        n = len(frame)
+        cols = {c: frame[c].tolist() for c in frame.columns}
+        lists = {name: cols.get(name) or [None] * n for name in USER_LISTS}
+        user_vec = self.embeddings(_column(cols, USER_EMBEDDING, n), n)
+        item_vec = self.embeddings(_column(cols, ITEM_EMBEDDING, n), n)
+        reference = frame[COL_RETRIEVED].to_numpy(bool) if COL_RETRIEVED in frame else None
+        return {
+            "als_list": list_features((user_vec * item_vec).sum(axis=1), frame[S.COL_USER].to_numpy(), reference),
+            "user": self.user_matrix(cols, frame[S.COL_TS].tolist(), n),
+            "item": self.item_matrix(cols, lists, n),
+            "item_category": self.categories(cols, n),
+            "user_embedding": user_vec,
+            "item_embedding": item_vec,
+        }
+
+
+def _column(cols: Mapping[str, Any], name: str, n: int) -> Sequence[Any]:
+    values = cols.get(name)
+    return [None] * n if values is None else values
+
+
+# ---- the network --------------------------------------------------------------------------------
+
+
+def build_model(encoder: FeatureEncoder, config: RankerConfig) -> keras.Model:
+    """The ranker network. Shapes, for a batch of B (user, item) rows and ALS rank R:
+
+    - ``user``: float32 (B, encoder.user_dim); ``item``: float32 (B, encoder.item_dim);
+    - ``item_category``: int32 (B,); ``user_embedding``, ``item_embedding``: float32 (B, R);
+    - ``als_list``: float32 (B, 2), :func:`list_features` of the row's ALS score in its list;
+    - output: float32 (B,) logits (row i scores user row i against item row i).
+
+    deep: MLP over [user, item, category embedding, ALS stats, ``als_list`` (and user * item
+    when ``config.use_product``)], where the ALS stats are user . item (the ALS score), both
+    norms and the cosine; wide: linear over [ALS stats, ``als_list``, item], so the ALS score
+    reaches the logit directly.
+    """
+    import keras
+    from keras import layers, ops
+
+    user = keras.Input((encoder.user_dim,), name="user")
+    item = keras.Input((encoder.item_dim,), name="item")
+    category = keras.Input((), dtype="int32", name="item_category")
+    user_vec = keras.Input((encoder.rank,), name="user_embedding")
+    item_vec = keras.Input((encoder.rank,), name="item_embedding")
+    als_list = keras.Input((N_LIST,), name="als_list")
+
+    def als_stats(vectors: list[Any]) -> Any:
+        """(B, 4): user . item (the ALS score), |user|, |item| and their cosine."""
+        u, i = vectors
+        dot = ops.sum(u * i, axis=-1, keepdims=True)
+        u_norm = ops.sqrt(ops.sum(u * u, axis=-1, keepdims=True))
+        i_norm = ops.sqrt(ops.sum(i * i, axis=-1, keepdims=True))
+        return ops.concatenate([dot, u_norm, i_norm, dot / (u_norm * i_norm + 1e-6)], axis=-1)
+
+    product = layers.Multiply(name="als_product")([user_vec, item_vec])
+    dot = layers.Lambda(als_stats, name="als_score")([user_vec, item_vec])
+    cat = layers.Flatten()(layers.Embedding(config.category_buckets, config.category_dim, name="category")(
+        layers.Reshape((1,))(category)))
+    x = layers.Concatenate()([user, item, cat, *([product] if config.use_product else []), dot, als_list])
+    for units in config.hidden:
+        x = layers.Dense(units, activation="relu")(x)
+        if config.dropout:
+            x = layers.Dropout(config.dropout, seed=config.seed)(x)
+    deep = layers.Dense(1, name="deep")(x)
+    wide = layers.Dense(1, name="wide")(layers.Concatenate()([dot, als_list, item]))
+    logit = layers.Add()([deep, wide])
+    # float32 logits even under mixed precision: a float16 sigmoid/BCE loses precision
+    out = layers.Activation("linear", dtype="float32", name="logit")(layers.Reshape(())(logit))
+    return keras.Model({"user": user, "item": item, "item_category": category, "user_embedding": user_vec,
+                        "item_embedding": item_vec, "als_list": als_list}, out, name="ranker")
+
+
+@dataclass
+class FitResult:
+    model: Any  # keras.Model
+    encoder: FeatureEncoder
+    config: RankerConfig
+    history: dict[str, list[float]]
+    device: str
+    rows: int
+    positives: int
+
+
+def _device_setup(config: RankerConfig) -> tuple[str, int, str]:
+    """(device, batch size, previous Keras dtype policy): a visible GPU gets mixed precision and
+    a larger batch; the CPU runs the same code in float32."""
+    import keras
+    import tensorflow as tf
+
+    previous = keras.mixed_precision.dtype_policy().name
+    if tf.config.list_physical_devices("GPU"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        return "GPU", config.batch_size * config.gpu_batch_multiplier, previous
+    return "CPU", config.batch_size, previous
+
+
+def fit_ranker(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: RankerConfig | None = None,
+               progress: bool = True) -> FitResult:
+    """Train on a training frame (features, short names, ``event_timestamp``, embeddings) and
+    binary ``labels`` aligned with it (binary cross-entropy on the logits)."""
+    import keras
+    import tensorflow as tf
+
+    cfg = config or RankerConfig()
+    labels = np.asarray(labels, dtype=np.float32)
+    if len(labels) != len(frame) or len(frame) == 0:
+        raise ValueError(f"{len(frame)} frame rows and {len(labels)} labels: pass one label per row, at least one")
+    keras.utils.set_random_seed(cfg.seed)
+    encoder = FeatureEncoder.fit(frame, rank, cfg.category_buckets)
+    inputs = encoder.encode_frame(frame)
+    device, batch_size, previous = _device_setup(cfg)
+    try:
+        model = build_model(encoder, cfg)
+        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                      loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                      metrics=[keras.metrics.AUC(from_logits=True, name="auc")])
+        data = (tf.data.Dataset.from_tensor_slices((inputs, labels))
+                .shuffle(len(labels), seed=cfg.seed, reshuffle_each_iteration=True)
+                .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+        log.info("ranker: %d rows (%d positive) on %s, batch %d", len(labels), int(labels.sum()), device, batch_size)
+        history = model.fit(data, epochs=cfg.epochs, shuffle=False, verbose=1 if progress else 0)  # tf.data shuffles
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    return FitResult(model, encoder, cfg, {k: [float(v) for v in vs] for k, vs in history.history.items()},
+                     device, len(labels), int(labels.sum()))
+
+
+# ---- SavedModel ---------------------------------------------------------------------------------
+
+
+def export_ranker(result: FitResult, folder: Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``folder/saved_model`` (endpoint ``serve``: one user against N candidates) and
+    ``folder/ranker.json`` (the encoder, config and ``metadata``). Replaces ``folder`` whole."""
+    import keras
+    import tensorflow as tf
+
+    enc, model = result.encoder, result.model
+
+    def write(tmp: Path) -> None:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+
+        def serve(user: Any, items: Any, item_category: Any, user_embedding: Any, item_embedding: Any) -> Any:
+            n = tf.shape(items)[0]
+            # the batch is one user's candidate list: the same list features as in training
+            dot = tf.linalg.matvec(item_embedding, user_embedding)
+            z = (dot - tf.reduce_mean(dot)) / (tf.math.reduce_std(dot) + 1e-6)
+            als_list = tf.stack([z, dot - tf.reduce_max(dot)], axis=1)
+            logits = model({"user": tf.tile(user[None, :], [n, 1]), "item": items, "item_category": item_category,
+                            "user_embedding": tf.tile(user_embedding[None, :], [n, 1]),
+                            "item_embedding": item_embedding, "als_list": als_list}, training=False)
+            return tf.cast(tf.reshape(logits, [-1]), tf.float32)
+
+        archive.add_endpoint(SERVE_ENDPOINT, serve, input_signature=[
+            tf.TensorSpec([enc.user_dim], tf.float32, name="user"),
+            tf.TensorSpec([None, enc.item_dim], tf.float32, name="items"),
+            tf.TensorSpec([None], tf.int32, name="item_category"),
+            tf.TensorSpec([enc.rank], tf.float32, name="user_embedding"),
+            tf.TensorSpec([None, enc.rank], tf.float32, name="item_embedding"),
+        ])
+        archive.write_out(str(tmp / SAVED_MODEL_DIR), verbose=False)
+        meta = {"encoder": asdict(enc), "config": asdict(result.config), "device": result.device,
+                "rows": result.rows, "positives": result.positives, "history": result.history,
+                "created": datetime.now(timezone.utc).isoformat(), **dict(metadata or {})}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+    return replace_dir(Path(folder), write)
+
+
+class RankerScorer:
+    """The exported ranker as the service's ``Scorer`` (bentos.engine): logits for one user
+    (``user``: feature name -> value) against N candidates (``items``: feature name -> N values)."""
+
+    def __init__(self, folder: Path) -> None:
+        import tensorflow as tf
+
+        folder = Path(folder)
+        meta = json.loads((folder / META_FILE).read_text())
+        self.encoder = FeatureEncoder(**meta["encoder"])
+        self.version = str(meta.get("version") or meta.get("mlflow_run_id") or meta.get("created", "unknown"))
+        self.metadata = meta
+        self._model = tf.saved_model.load(str(folder / SAVED_MODEL_DIR))
+        self._serve = getattr(self._model, SERVE_ENDPOINT)
+
+    def inputs(self, user: Mapping[str, Any], items: Mapping[str, Sequence[Any]], n: int,
+               context: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """The ``serve`` endpoint's tensors for one user and ``n`` candidates."""
+        enc = self.encoder
+        when = (context or {}).get("timestamp") or datetime.now(timezone.utc)
+        user_cols = {k: [v] for k, v in user.items()}
+        lists = {name: [user.get(name)] * n for name in USER_LISTS}
+        return {
+            "user": enc.user_matrix(user_cols, [when], 1)[0],
+            "items": enc.item_matrix(items, lists, n),
+            "item_category": enc.categories(items, n),
+            "user_embedding": enc.embeddings([user.get(USER_EMBEDDING)], 1)[0],
+            "item_embedding": enc.embeddings(_column(items, ITEM_EMBEDDING, n), n),
+        }
+
+    def score(self, user: Mapping[str, Any], items: Mapping[str, Sequence[Any]], item_ids: np.ndarray,
+              strategy_scores: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
+        """(N,) float64 logits, one per candidate in ``item_ids`` order. ``strategy_scores`` is
+        not an input: candidates from different strategies carry incomparable scores."""
+        n = len(item_ids)
+        if n == 0:
+            return np.empty(0, dtype=np.float64)
+        out = self._serve(**self.inputs(user, items, n, context))
+        return np.asarray(out, dtype=np.float64).reshape(n)
+
+
+def load_scorer(path: Path) -> RankerScorer:
+    """The ranker saved by :func:`export_ranker` (a BentoML model's path works as is)."""
+    path = Path(path)
+    if not (path / META_FILE).is_file() or not (path / SAVED_MODEL_DIR).is_dir():
+        raise FileNotFoundError(f"no ranker at {path}: expected {META_FILE} and {SAVED_MODEL_DIR}/ "
+                                "(train one with `recsys train ranker`)")
+    return RankerScorer(path)
+
+
+# ---- a tiny ranker for tests on a clean machine --------------------------------------------------
+
+
+def tiny_frame(n_users: int = 12, n_items: int = 20, rank: int = 8, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """A hand-made training frame: every user likes the items of category ``user % 3``; the ALS
+    vectors agree (one-hot of the category), and a third of the item vectors are missing."""
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for user in range(1, n_users + 1):
+        user_vec = np.zeros(rank, np.float32)
+        user_vec[user % 3] = 1.0
+        for item in range(1, n_items + 1):
+            item_vec = np.zeros(rank, np.float32)
+            item_vec[item % 3] = 1.0
+            rows.append({S.COL_USER: user, S.COL_ITEM: item, S.COL_TS: pd.Timestamp("2026-01-01 12:00", tz="UTC"),
+                         "n_events": float(user * 3), "interaction_count": None if user % 4 == 0 else user,
+                         "top_categories": [user % 3], S.COL_CATEGORY: item % 3, "price": float(item),
+                         "popularity_7d": int(rng.integers(0, 10)), USER_EMBEDDING: user_vec,
+                         ITEM_EMBEDDING: None if item % 3 == 0 and item % 2 else item_vec})
+            labels.append(float(item % 3 == user % 3))
+    return pd.DataFrame(rows), np.asarray(labels, dtype=np.float32)
+
+
+def train_tiny_ranker(folder: Path, rank: int = 8, epochs: int = 20) -> Path:
+    """Train and export a tiny ranker on :func:`tiny_frame` (a few seconds on CPU): what the
+    service's tests load with :func:`load_scorer` on a clean machine. Returns ``folder``."""
+    frame, labels = tiny_frame(rank=rank)
+    result = fit_ranker(frame, labels, rank, RankerConfig(hidden=(16,), epochs=epochs, batch_size=32, learning_rate=1e-2,
+                                                          category_buckets=8, dropout=0.0), progress=False)
+    return export_ranker(result, Path(folder), {"version": "tiny"})
+
+
+def train_ranker_for_demo(settings: Any) -> str:
+    """`make demo`'s ranker step: :func:`models.ranker_train.train_ranker` on the active dataset
+    (MLflow and the BentoML store included); returns a one-line summary."""
+    from models.ranker_train import train_ranker
+
+    result = train_ranker(settings, RankerConfig(epochs=2), progress=False)
+    return (f"{result.training.fit.rows:,} rows on {result.training.fit.device}, MLflow run {result.run_id}, "
+            f"BentoML model {result.bento_tag}")

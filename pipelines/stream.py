@@ -1,0 +1,736 @@
+"""The clickstream consumer (``recsys stream run``): Kafka -> real-time user features, exactly once
+in effect.
+
+One micro-batch (up to ``batch_events`` events or ``batch_ms`` of waiting):
+
+1. decode and validate every message (:func:`pipelines.events.decode_batch`); bad ones go to the
+   dead-letter topic with the reason and the original bytes;
+2. load the users' fold states from Redis (one MGET) and fold the events with the one
+   implementation of the rules (:mod:`pipelines.realtime_rules`), skipping event ids already in the
+   state's dedupe window; events older than the window go to the dead-letter topic as late;
+3. write the users' new rows online with the Feast store's own online writer
+   (``get_store(skip_dedup=True)``; :class:`OnlineRowWriter` says why not ``FeatureStore.push``);
+4. in one Redis transaction: the new states, the batch's rows appended to the partition's
+   *outbox*, ``recs:{user_id}`` deleted for every user with an event, and the trending counts.
+
+In the background, every ``offline_flush_s`` or ``offline_batch_rows``, the outboxes are appended
+to the offline store through the same push source (a Spark job, so in large batches) and trimmed;
+only then are the Kafka offsets that those outbox entries cover committed (after the dead letters
+are flushed). So a committed offset always means: online written, offline appended.
+
+Where the state lives, and why a crash is harmless: each user's fold state (features, their hidden
+inputs such as category counts, and the ids of recent events) is one Redis value,
+``rt:{project}:u:{user_id}``, written in the same transaction as the outbox. After a SIGKILL the
+consumer restarts from the last committed offsets: the outbox entries still waiting are appended
+offline first, and the redelivered events are recognised by id and skipped. A crash between the
+online push (3) and the transaction (4) redelivers events that the state has not seen: they are
+folded again into the same rows and pushed again. The offline append is at least once: a crash
+between the append and the outbox trim appends identical rows (same event_timestamp and created)
+a second time, which point-in-time joins read as one.
+
+Partition ownership makes the consumer the single writer of its users' states (events are keyed by
+user); a message whose key is not its user_id would break that, so it is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import redis
+
+from pipelines import trending
+from pipelines.events import decode_batch
+from pipelines.realtime_rules import LATE_REASON, DedupeWindow, Event, Outcome, UserState
+from recsys import feature_tables as T
+from recsys import schema as S
+from recsys.config import Settings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+    from kafka.consumer.fetcher import ConsumerRecord
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_TRENDING = frozenset(trending.TRENDING_TYPES)
+
+
+def recs_cache_key(user_id: int) -> str:
+    """The serving cache of a user's recommendations; every event of the user deletes it."""
+    return f"recs:{int(user_id)}"
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How the consumer batches, remembers and reports; defaults come from Settings."""
+
+    group_id: str = "recsys-stream"
+    batch_events: int = 5_000
+    batch_ms: int = 100
+    offline_flush_s: float = 60.0
+    offline_batch_rows: int = 100_000
+    window: DedupeWindow = field(default_factory=DedupeWindow)
+    max_future_s: int = 300
+    metrics_port: int | None = None
+    trending: trending.TrendingConfig = field(default_factory=trending.TrendingConfig)
+    trending_publish_s: float = 5.0
+    #: Exit (after flushing and committing) once every assigned partition is read to its end.
+    stop_when_caught_up: bool = False
+    #: Keep every event's freshness (ms) in the stats, for the benchmark.
+    record_freshness: bool = False
+    session_timeout_ms: int = 6_000
+    heartbeat_interval_ms: int = 1_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> StreamOptions:
+        base = cls(
+            group_id=settings.stream_group_id,
+            batch_events=settings.stream_batch_events,
+            batch_ms=settings.stream_batch_ms,
+            offline_flush_s=settings.stream_offline_flush_s,
+            offline_batch_rows=settings.stream_offline_batch_rows,
+            window=DedupeWindow(settings.stream_dedupe_window_s * 1_000_000, settings.stream_dedupe_max_ids),
+            max_future_s=settings.stream_max_future_s,
+            metrics_port=settings.stream_metrics_port,
+            trending=trending.TrendingConfig.from_settings(settings),
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---- the item catalogue (item -> category) ---------------------------------------------------------
+
+
+class ItemCatalogue:
+    """Known item ids and their categories, from the canonical items table; reloaded when the table
+    changes (checked at most every ``refresh_s``), so new items are picked up without a restart."""
+
+    def __init__(self, dataset_path: Path, refresh_s: float = 300.0) -> None:
+        self.path = Path(dataset_path) / "items"
+        self.refresh_s = refresh_s
+        self._stamp: float | None = None
+        self._checked = 0.0
+        self.known_items = np.empty(0, dtype=np.int64)
+        self._categories = np.empty(0, dtype=np.int64)
+        self.maybe_reload(force=True)
+
+    def _mtime(self) -> float:
+        if not self.path.is_dir():
+            raise FileNotFoundError(
+                f"no items table at {self.path}: run `recsys data generate` or `recsys data load PATH` first")
+        return max((p.stat().st_mtime for p in self.path.glob("*.parquet")), default=0.0)
+
+    def maybe_reload(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < self.refresh_s:
+            return
+        self._checked = now
+        stamp = self._mtime()
+        if stamp == self._stamp:
+            return
+        table = pq.read_table(self.path, columns=[S.COL_ITEM, S.COL_CATEGORY]).to_pandas()
+        table = table.sort_values(S.COL_ITEM)
+        self.known_items = table[S.COL_ITEM].to_numpy(dtype=np.int64)
+        self._categories = table[S.COL_CATEGORY].to_numpy(dtype=np.int64)
+        self._stamp = stamp
+        log.info("item catalogue loaded items=%d", len(self.known_items))
+
+    def categories(self, item_ids: np.ndarray) -> np.ndarray:
+        """The category of each item; -1 for an item outside the catalogue."""
+        if len(self.known_items) == 0:
+            return np.full(len(item_ids), -1, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.known_items, item_ids), 0, len(self.known_items) - 1)
+        return np.where(self.known_items[pos] == item_ids, self._categories[pos], -1)
+
+
+# ---- the state kept in Redis --------------------------------------------------------------------------
+
+#: A row of user_realtime as it travels through the outbox:
+#: (user_id, last_us, last_5_items, interaction_count, total_purchases, preferred_categories, created_us)
+Row = tuple[int, int, list[int], int, int, list[int], int]
+
+
+def state_row(user_id: int, state: UserState, created_us: int) -> Row:
+    return (user_id, state.last_us, state.last_5_items, state.count, state.purchases,
+            state.preferred_categories, created_us)
+
+
+def rows_frame(rows: Sequence[Row]) -> pd.DataFrame:
+    """Outbox rows as the user_realtime push frame (event_timestamp = last_action_ts)."""
+    cols: list[Sequence[Any]] = list(zip(*rows)) if rows else [() for _ in range(7)]
+    last = pd.to_datetime(np.asarray(cols[1], dtype=np.int64), unit="us", utc=True)
+    return pd.DataFrame({
+        S.COL_USER: np.asarray(cols[0], dtype=np.int64),
+        S.COL_TS: last,
+        T.CREATED: pd.to_datetime(np.asarray(cols[6], dtype=np.int64), unit="us", utc=True),
+        "last_5_items": list(cols[2]),
+        "last_action_ts": last,
+        "interaction_count": np.asarray(cols[3], dtype=np.int64),
+        "total_purchases": np.asarray(cols[4], dtype=np.int64),
+        "preferred_categories": list(cols[5]),
+    })
+
+
+class OnlineRowWriter:
+    """Writes user_realtime rows online through the store's own online writer (Feast's Redis
+    ``online_write_batch``; with ``get_store(skip_dedup=True)`` one round trip and no dropped
+    same-instant write), building the value protos directly. ``FeatureStore.push`` converts a
+    DataFrame through Arrow and re-reads the registry on every call: at micro-batch sizes that was
+    half of the consumer's time. The protos are what ``push`` builds for these types (the tests read
+    them back with ``get_online_features``)."""
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self.view = store.get_feature_view(T.USER_REALTIME)
+        self.provider = store._get_provider()  # noqa: SLF001 - the store's own online writer
+
+    def write(self, rows: Sequence[Row]) -> None:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Int64List, Value
+
+        from pipelines.realtime_rules import from_us
+
+        data: list[tuple[EntityKey, dict[str, Value], datetime, datetime | None]] = []
+        for user, last_us, items, count, purchases, cats, created_us in rows:
+            key = EntityKey(join_keys=[S.COL_USER], entity_values=[Value(int64_val=user)])
+            values = {
+                "last_5_items": Value(int64_list_val=Int64List(val=items)),
+                "last_action_ts": Value(unix_timestamp_val=last_us // 1_000_000),  # Feast keeps whole seconds
+                "interaction_count": Value(int64_val=count),
+                "total_purchases": Value(int64_val=purchases),
+                "preferred_categories": Value(int64_list_val=Int64List(val=cats)),
+            }
+            data.append((key, values, from_us(last_us), from_us(created_us)))
+        self.provider.online_write_batch(self.store.config, self.view, data, None)
+
+
+class StateStore:
+    """Redis keys of the stream: per-user fold state and per-partition outbox of offline rows."""
+
+    def __init__(self, client: redis.Redis, project: str, topic: str) -> None:
+        self.client = client
+        self.prefix = f"rt:{project}"
+        self.topic = topic
+
+    def state_key(self, user_id: int) -> str:
+        return f"{self.prefix}:u:{int(user_id)}"
+
+    def outbox_key(self, partition: int) -> str:
+        return f"{self.prefix}:outbox:{self.topic}:{int(partition)}"
+
+    def load(self, user_ids: Sequence[int]) -> list[UserState]:
+        if not user_ids:
+            return []
+        return [UserState.loads(raw) for raw in self.client.mget([self.state_key(u) for u in user_ids])]
+
+    def load_one(self, user_id: int) -> UserState:
+        return self.load([user_id])[0]
+
+    def queue_outbox(self, pipe: redis.client.Pipeline, partition: int, last_offset: int, rows: list[Row]) -> None:
+        pipe.rpush(self.outbox_key(partition), json.dumps([last_offset, rows], separators=(",", ":")))
+
+    def read_outbox(self, partition: int) -> tuple[int, int | None, list[Row]]:
+        """(entries, the last offset they cover, their rows)."""
+        entries = self.client.lrange(self.outbox_key(partition), 0, -1)
+        rows: list[Row] = []
+        last: int | None = None
+        for raw in entries:
+            offset, batch_rows = json.loads(raw)
+            last = offset if last is None else max(last, offset)
+            rows.extend(tuple(r) for r in batch_rows)  # type: ignore[misc]
+        return len(entries), last, rows
+
+    def trim_outbox(self, done: dict[int, int]) -> None:
+        """Drop the first ``n`` entries of each partition's outbox (more may have been appended)."""
+        if done:
+            pipe = self.client.pipeline(transaction=True)
+            for partition, n in done.items():
+                pipe.ltrim(self.outbox_key(partition), n, -1)
+            pipe.execute()
+
+    def outbox_size(self, partitions: Iterable[int]) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for p in partitions:
+            pipe.llen(self.outbox_key(p))
+        return sum(pipe.execute())
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+
+
+class StreamMetrics:
+    """Prometheus metrics of one consumer, in their own registry (served on ``metrics_port``)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events = Counter("recsys_stream_events", "Events by outcome (applied, duplicate, late, dead_letter).",
+                              ["outcome"], registry=r)
+        self.dead_letters = Counter("recsys_stream_dead_letters", "Messages sent to the dead-letter topic, by reason.",
+                                    ["reason"], registry=r)
+        self.events_per_s = Gauge("recsys_stream_events_per_second", "Events consumed per second (last interval).",
+                                  registry=r)
+        self.lag = Gauge("recsys_stream_consumer_lag", "Messages not yet consumed, per partition.", ["partition"],
+                         registry=r)
+        self.push_seconds = Histogram("recsys_stream_push_seconds", "Latency of a push, online or offline.", ["store"],
+                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                      registry=r)
+        self.freshness = Histogram("recsys_stream_freshness_seconds", "Kafka create time to online write.",
+                                   buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.committed = Gauge("recsys_stream_committed_offset", "Last committed offset, per partition.",
+                               ["partition"], registry=r)
+
+    def serve(self, port: int) -> Any:
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(port, registry=self.registry)
+        log.info("metrics on http://0.0.0.0:%d/metrics", port)
+        return server
+
+
+def reason_label(reason: str) -> str:
+    """A bounded metric label from a reason ("malformed JSON: Expecting..." -> "malformed JSON")."""
+    return reason.split(":", 1)[0][:60]
+
+
+@dataclass
+class StreamStats:
+    events: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    late: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    rows_online: int = 0
+    rows_offline: int = 0
+    commits: int = 0
+    seconds: float = 0.0
+    #: monotonic times of the first and the last batch (throughput without the group join)
+    first_batch_at: float | None = None
+    last_batch_at: float | None = None
+    freshness_ms: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def freshness_percentiles(self, *qs: float) -> list[float]:
+        if not self.freshness_ms:
+            return [math.nan for _ in qs]
+        values = np.concatenate(self.freshness_ms)
+        return [float(np.percentile(values, q)) for q in qs]
+
+
+class _DeadLetters:
+    """Produces rejected messages to the dead-letter topic: value = the original bytes, the reason
+    and the source position in headers."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from kafka import KafkaProducer
+
+        self.topic = topic
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
+
+    def send(self, record: ConsumerRecord, reason: str) -> None:
+        headers = [("reason", reason.encode()), ("source_topic", record.topic.encode()),
+                   ("source_partition", str(record.partition).encode()), ("source_offset", str(record.offset).encode())]
+        self._producer.send(self.topic, key=record.key, value=record.value, headers=headers)
+
+    def flush(self) -> None:
+        self._producer.flush()
+
+    def close(self) -> None:
+        self._producer.close()
+
+
+# ---- the consumer ----------------------------------------------------------------------------------------
+
+
+class StreamProcessor:
+    """One consumer-group member: ``run()`` until ``request_stop()`` (or caught up, if asked)."""
+
+    def __init__(self, settings: Settings, options: StreamOptions | None = None) -> None:
+        self.settings = settings
+        self.options = options or StreamOptions.from_settings(settings)
+        self.topic = settings.events_topic
+        self.stats = StreamStats()
+        self.metrics = StreamMetrics()
+        self._stop = threading.Event()
+        #: set once the group has assigned partitions to this consumer
+        self.assigned = threading.Event()
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline-flush")
+        self._flush: Future[dict[int, int]] | None = None
+        self._pending_rows = 0
+        self._flush_due = False
+        self._last_flush = time.monotonic()
+        self._watermark_us: int | None = None
+        self._trending_dirty = False
+        self._last_publish = 0.0
+        self._last_lag = 0.0
+        self._last_report = (time.monotonic(), 0)
+        self._offline_store: FeatureStore | None = None
+        self.consumer: Any = None
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        """Finish the current batch, flush, commit and return from ``run`` (safe in a signal handler)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def _open(self) -> None:
+        from kafka import KafkaConsumer
+
+        from pipelines.feature_store import check_online_store, get_store
+        from pipelines.stack import ensure_topics
+
+        s = self.settings
+        check_online_store(s)
+        ensure_topics(s)
+        self.catalogue = ItemCatalogue(s.dataset_path)
+        self.redis = redis.Redis.from_url(s.effective_redis_url)
+        self.state = StateStore(self.redis, s.feast_project, self.topic)
+        self.online = OnlineRowWriter(get_store(s, skip_dedup=True))
+        self.dlq = _DeadLetters(s.effective_kafka_bootstrap, s.dlq_topic)
+        self._server = self.metrics.serve(self.options.metrics_port) if self.options.metrics_port is not None else None
+        o = self.options
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=s.effective_kafka_bootstrap,
+            group_id=o.group_id,
+            client_id=f"{o.group_id}-consumer",
+            enable_auto_commit=False,  # offsets are committed only after the offline append
+            auto_offset_reset="earliest",
+            max_poll_records=o.batch_events,
+            fetch_max_wait_ms=o.batch_ms,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            # the broker checked the CRC on produce and TCP checks the transfer; checking again in
+            # pure Python costs more than half of the consumer's CPU
+            check_crcs=False,
+            session_timeout_ms=o.session_timeout_ms,
+            heartbeat_interval_ms=o.heartbeat_interval_ms,
+        )
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        log.info("stream consuming topic=%s group=%s redis=%s", self.topic, o.group_id, s.effective_redis_url)
+
+    def run(self) -> StreamStats:
+        """Consume until stopped; always flushes and commits what was processed before returning."""
+        started = time.monotonic()
+        self._open()
+        try:
+            while not self._stop.is_set():
+                batch = self.consumer.poll(timeout_ms=self.options.batch_ms, max_records=self.options.batch_events)
+                if batch:
+                    self._process(batch)
+                elif self.options.stop_when_caught_up and self._caught_up():
+                    log.info("stream caught up with every assigned partition: stopping")
+                    break
+                self._housekeeping()
+        finally:
+            self._close()
+            self.stats.seconds = time.monotonic() - started
+        return self.stats
+
+    def _close(self) -> None:
+        try:
+            self._finish_flush()
+            if self.consumer.assignment():
+                self._commit(self._flush_offline(self._partitions()))
+            if self._trending_dirty and self._watermark_us is not None:
+                trending.publish(self.redis, self._watermark_us, self.options.trending)
+        finally:
+            self._flusher.shutdown(wait=True)
+            self.consumer.close(autocommit=False)
+            self.dlq.close()
+            if self._server is not None:
+                self._server.shutdown()
+            log.info("stream stopped events=%d applied=%d duplicates=%d late=%d dead_letters=%d commits=%d",
+                     self.stats.events, self.stats.applied, self.stats.duplicates, self.stats.late,
+                     self.stats.dead_letters, self.stats.commits)
+
+    def _partitions(self) -> list[int]:
+        return sorted(tp.partition for tp in self.consumer.assignment())
+
+    def _caught_up(self) -> bool:
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return False
+        ends = self.consumer.end_offsets(assigned)
+        return all(self.consumer.position(tp) >= ends[tp] for tp in assigned)
+
+    # ---- one micro-batch ------------------------------------------------------------------
+
+    def _process(self, batch: dict[Any, list[ConsumerRecord]]) -> None:
+        records = [r for recs in batch.values() for r in recs]
+        if self.stats.first_batch_at is None:
+            self.stats.first_batch_at = time.monotonic()
+        now = time.time()
+        max_ts = pd.Timestamp(now + self.options.max_future_s, unit="s", tz="UTC")
+        self.catalogue.maybe_reload()
+        decoded = decode_batch([r.value for r in records], self.catalogue.known_items, max_ts)
+        dead: list[tuple[ConsumerRecord, str]] = [(records[i], reason) for i, reason in decoded.rejected]
+
+        users = decoded.user_id.tolist()
+        index = decoded.index.tolist()
+        groups: dict[int, list[int]] = {}
+        for j, (user, i) in enumerate(zip(users, index)):
+            key = records[i].key
+            if key is not None and key != str(user).encode():
+                dead.append((records[i], f"message key {key!r} is not the event's user_id {user}: "
+                                         "producers must key by user_id"))
+                continue
+            groups.setdefault(user, []).append(j)
+
+        uids = list(groups)
+        states = dict(zip(uids, self.state.load(uids)))
+        changed, counts, late = self._fold(decoded, groups, states)
+        dead.extend((records[index[j]], LATE_REASON) for j in late)
+
+        created_us = int(now * 1_000_000)
+        partition_of = {u: records[index[groups[u][0]]].partition for u in changed}
+        rows_by_partition: dict[int, list[Row]] = {tp.partition: [] for tp in batch}
+        for user, state in changed.items():
+            rows_by_partition[partition_of[user]].append(state_row(user, state, created_us))
+        rows = [row for part in rows_by_partition.values() for row in part]
+
+        for record, reason in dead:
+            self.dlq.send(record, reason)
+            self.metrics.dead_letters.labels(reason_label(reason)).inc()
+        if rows:
+            self._timed("online", lambda: self._push_online(rows))
+        self._retry("state transaction", lambda: self._commit_state(batch, changed, rows_by_partition, uids, counts))
+        self._account(records, len(dead), len(rows), time.time())
+        self.stats.last_batch_at = time.monotonic()
+
+    def _fold(self, decoded: Any, groups: dict[int, list[int]], states: dict[int, UserState]
+              ) -> tuple[dict[int, UserState], dict[tuple[int, int | None], Counter[int]], list[int]]:
+        """Apply the rules to each user's events; returns changed states, trending counts, late events."""
+        window = self.options.window
+        cats = self.catalogue.categories(decoded.item_id).tolist()
+        items, ts, values = decoded.item_id.tolist(), decoded.ts_us.tolist(), decoded.value.tolist()
+        ids, types = decoded.event_id, decoded.event_type
+        changed: dict[int, UserState] = {}
+        counts: dict[tuple[int, int | None], Counter[int]] = {}
+        late: list[int] = []
+        duplicates = applied = 0
+        watermark = self._watermark_us
+        for user, js in groups.items():
+            state = states[user]
+            before = state.count
+            for j in js:
+                value = values[j]
+                cat = cats[j]
+                event = Event(ids[j], user, items[j], types[j], None if value != value else value, ts[j],
+                              cat if cat >= 0 else None)
+                outcome = state.apply(event, window)
+                if outcome is Outcome.APPLIED:
+                    applied += 1
+                    if watermark is None or event.ts_us > watermark:
+                        watermark = event.ts_us
+                    if event.event_type in _TRENDING:
+                        minute = trending.minute_of(event.ts_us)
+                        counts.setdefault((minute, None), Counter())[event.item_id] += 1
+                        if event.category is not None:
+                            counts.setdefault((minute, event.category), Counter())[event.item_id] += 1
+                elif outcome is Outcome.LATE:
+                    late.append(j)
+                else:
+                    duplicates += 1
+            if state.count != before:
+                state.trim(window)
+                changed[user] = state
+        self._watermark_us = watermark
+        if watermark is not None and counts:  # a replay of history: minutes already out of the window
+            first = self.options.trending.minutes(watermark).start
+            counts = {k: v for k, v in counts.items() if k[0] >= first}
+        self.stats.applied += applied
+        self.stats.duplicates += duplicates
+        self.stats.late += len(late)
+        self.metrics.events.labels("applied").inc(applied)
+        self.metrics.events.labels("duplicate").inc(duplicates)
+        self.metrics.events.labels("late").inc(len(late))
+        return changed, counts, late
+
+    def _push_online(self, rows: list[Row]) -> None:
+        self._retry("online push", lambda: self.online.write(rows))
+
+    def _commit_state(self, batch: dict[Any, list[ConsumerRecord]], changed: dict[int, UserState],
+                      rows_by_partition: dict[int, list[Row]], users: list[int],
+                      counts: dict[tuple[int, int | None], Counter[int]]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        for user, state in changed.items():
+            pipe.set(self.state.state_key(user), state.dumps())
+        for tp, recs in batch.items():
+            self.state.queue_outbox(pipe, tp.partition, recs[-1].offset, rows_by_partition[tp.partition])
+        if users:
+            pipe.delete(*[recs_cache_key(u) for u in users])
+        trending.queue_increments(pipe, counts, self.options.trending)
+        pipe.execute()
+        if counts:
+            self._trending_dirty = True
+
+    def _account(self, records: list[ConsumerRecord], n_dead: int, n_rows: int, visible_at: float) -> None:
+        st = self.stats
+        st.batches += 1
+        st.events += len(records)
+        st.dead_letters += n_dead
+        st.rows_online += n_rows
+        self._pending_rows += n_rows
+        self._flush_due = True
+        created = np.fromiter((r.timestamp for r in records), dtype=np.float64, count=len(records))
+        fresh_ms = visible_at * 1000.0 - created
+        if self.options.record_freshness:
+            st.freshness_ms.append(fresh_ms)
+        observe = self.metrics.freshness.observe
+        for value in (fresh_ms / 1000.0).tolist():
+            observe(value)
+        self.metrics.events.labels("dead_letter").inc(n_dead)
+
+    # ---- housekeeping: offline flush, commit, trending, lag -----------------------------------
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if self._flush is not None and self._flush.done():
+            self._finish_flush()
+        if self._flush is None and self._flush_due and (
+            self._pending_rows >= self.options.offline_batch_rows or now - self._last_flush >= self.options.offline_flush_s
+        ):
+            self._start_flush()
+        if self._trending_dirty and now - self._last_publish >= self.options.trending_publish_s:
+            trending.publish(self.redis, self._watermark_us or 0, self.options.trending)
+            self._trending_dirty = False
+            self._last_publish = now
+        if now - self._last_lag >= 2.0:
+            self._update_lag()
+            self._last_lag = now
+
+    def _start_flush(self) -> None:
+        self._flush = self._flusher.submit(self._flush_offline, self._partitions())
+        self._pending_rows = 0
+        self._flush_due = False
+        self._last_flush = time.monotonic()
+
+    def _finish_flush(self) -> None:
+        if self._flush is not None:
+            future, self._flush = self._flush, None
+            self._commit(future.result())
+
+    def _flush_offline(self, partitions: list[int]) -> dict[int, int]:
+        """Append the outboxes of ``partitions`` offline; returns the offsets now safe to commit."""
+        from pipelines.feature_store import get_store, push_user_realtime
+
+        entries = {p: self.state.read_outbox(p) for p in partitions}
+        rows = [row for _, _, part in entries.values() for row in part]
+        if rows:
+            if self._offline_store is None:
+                self._offline_store = get_store(self.settings)
+            store = self._offline_store
+            self._timed("offline", lambda: self._retry(
+                "offline append", lambda: push_user_realtime(store, rows_frame(rows), online=False, offline=True)))
+            self.stats.rows_offline += len(rows)
+            log.info("offline append rows=%d partitions=%s", len(rows), partitions)
+        self.state.trim_outbox({p: n for p, (n, _, _) in entries.items() if n})
+        return {p: last + 1 for p, (n, last, _) in entries.items() if n and last is not None}
+
+    def _commit(self, offsets: dict[int, int]) -> None:
+        """Commit after the dead letters of those offsets are safely in their topic."""
+        if not offsets:
+            return
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        self.dlq.flush()
+        self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+        self.stats.commits += 1
+        for p, o in offsets.items():
+            self.metrics.committed.labels(str(p)).set(o)
+
+    def _update_lag(self) -> None:
+        t, n = self._last_report
+        now = time.monotonic()
+        rate = (self.stats.events - n) / max(now - t, 1e-9)
+        self.metrics.events_per_s.set(rate)
+        lags = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                lags[tp.partition] = max(high - self.consumer.position(tp), 0)
+                self.metrics.lag.labels(str(tp.partition)).set(lags[tp.partition])
+        if now - t >= 10.0:
+            log.info("stream events=%d events_per_s=%.0f applied=%d duplicates=%d late=%d dead_letters=%d lag=%s",
+                     self.stats.events, rate, self.stats.applied, self.stats.duplicates, self.stats.late,
+                     self.stats.dead_letters, lags)
+            self._last_report = (now, self.stats.events)
+
+    # ---- rebalancing ---------------------------------------------------------------------------
+
+    def on_revoked(self, partitions: Iterable[Any]) -> None:
+        """Before giving partitions away: append their outboxes and commit, so the next owner starts
+        exactly where this one stopped."""
+        self._finish_flush()
+        revoked = sorted(tp.partition for tp in partitions)
+        if revoked:
+            self._commit(self._flush_offline(revoked))
+
+    def on_assigned(self, partitions: Iterable[Any]) -> None:
+        """A previous owner may have left outbox entries (it crashed): append them soon."""
+        if self.state.outbox_size(tp.partition for tp in partitions):
+            self._flush_due = True
+            self._pending_rows = self.options.offline_batch_rows
+        self.assigned.set()
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _timed(self, store: str, action: Callable[[], _T]) -> _T:
+        started = time.perf_counter()
+        result = action()
+        self.metrics.push_seconds.labels(store).observe(time.perf_counter() - started)
+        return result
+
+    def _retry(self, what: str, action: Callable[[], _T]) -> _T:
+        """Retry a write on infrastructure errors with backoff; a stop request ends the retries."""
+        delay = 0.2
+        while True:
+            try:
+                return action()
+            except (redis.RedisError, OSError, ConnectionError) as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+def _rebalance_listener() -> type:
+    from kafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):
+        def __init__(self, processor: StreamProcessor) -> None:
+            self.processor = processor
+
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            self.processor.on_revoked(revoked)
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            self.processor.on_assigned(assigned)
+
+    return Listener
+
+
+def _Rebalance(processor: StreamProcessor) -> Any:  # noqa: N802 - reads like the class it builds
+    return _rebalance_listener()(processor)

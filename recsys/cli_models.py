@@ -1,0 +1,162 @@
+"""`recsys train ...`, `recsys index ...` and `recsys evaluate`: training, the item indexes and the
+one evaluation protocol from the command line. Heavy modules load inside the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from recsys.cli_common import CliError, settings_of
+
+train_app = typer.Typer(help="Train models on the active dataset and hand them to MLflow.", no_args_is_help=True)
+index_app = typer.Typer(help="The FAISS item indexes built from the ALS item vectors.", no_args_is_help=True)
+
+BentomlHome = Annotated[Optional[Path], typer.Option(
+    help="BentoML home for the model store (default: $BENTOML_HOME, else ~/bentoml).")]
+TrackToStores = Annotated[bool, typer.Option("--track/--no-track",
+                                             help="Log to MLflow and save to the BentoML model store.")]
+
+
+@train_app.command("als")
+def train_als_cmd(
+    ctx: typer.Context,
+    rank: Annotated[Optional[int], typer.Option(min=1, help="Factors per user and item.")] = None,
+    reg_param: Annotated[Optional[float], typer.Option(min=0, help="L2 regularization (Spark's regParam).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(min=0, help="Confidence scale of implicit feedback.")] = None,
+    max_iter: Annotated[Optional[int], typer.Option(min=1, help="ALS iterations.")] = None,
+    tune: Annotated[bool, typer.Option("--tune/--no-tune",
+                                       help="Pick rank, regParam and alpha on a validation split first.")] = False,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log and register in MLflow.")] = True,
+) -> None:
+    """Clean the active dataset's events, fit Spark ALS, write the embedding tables, log to MLflow."""
+    from dataclasses import replace
+
+    from models.als import ALSConfig
+    from models.train import train_als
+    from pipelines.canonical import DatasetError
+
+    settings = settings_of(ctx)
+    overrides = {k: v for k, v in {"rank": rank, "reg_param": reg_param, "alpha": alpha,
+                                    "max_iter": max_iter}.items() if v is not None}
+    try:
+        config = replace(ALSConfig(), **overrides)
+        result = train_als(settings, config, tune=tune, track=track)
+    except (ValueError, DatasetError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    typer.echo(f"ALS rank {result.config.rank}, regParam {result.config.reg_param}, alpha {result.config.alpha}: "
+               f"{len(result.factors.user_ids):,} users, {len(result.factors.item_ids):,} items, "
+               f"cutoff {result.cutoff.isoformat()}")
+    typer.echo(f"  user factors: {result.user_path}\n  item factors: {result.item_path}")
+    if result.run_id:
+        typer.echo(f"  MLflow run {result.run_id} at {settings.effective_mlflow_uri}; registered {result.registered}")
+
+
+@train_app.command("ranker")
+def train_ranker_cmd(
+    ctx: typer.Context,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size on CPU (x4 on a GPU).")] = 512,
+    n_hard: Annotated[int, typer.Option(min=0, help="Hard negatives per user (retrieval candidates).")] = 150,
+    n_random: Annotated[int, typer.Option(min=0, help="Random negatives per user.")] = 10,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: data/models/<dataset>/ranker).")] = None,
+    track: TrackToStores = True,
+    bentoml_home: BentomlHome = None,
+) -> None:
+    """Train the TensorFlow ranker on point-in-time training frames from the feature store."""
+    from models.ranker import RankerConfig
+    from models.ranker_train import ExampleConfig, train_ranker
+    from pipelines.canonical import DatasetError
+    from pipelines.feature_store import FeatureStoreError
+
+    settings = settings_of(ctx)
+    try:
+        result = train_ranker(settings, RankerConfig(epochs=epochs, batch_size=batch_size),
+                              ExampleConfig(n_hard=n_hard, n_random=n_random), out=out, track=track,
+                              bentoml_home=bentoml_home)
+    except (ValueError, DatasetError, FeatureStoreError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    fit = result.training.fit
+    typer.echo(f"ranker: {fit.rows:,} rows ({fit.positives:,} positive) on {fit.device}, "
+               f"final loss {fit.history['loss'][-1]:.4f}, {result.seconds['ranker_s']}s; saved to {result.path}")
+    if result.run_id:
+        typer.echo(f"  MLflow run {result.run_id}; BentoML model {result.bento_tag}")
+
+
+@index_app.command("build")
+def index_build_cmd(
+    ctx: typer.Context,
+    kind: Annotated[str, typer.Option(help="auto (by catalogue size), flat (exact) or hnsw.")] = "auto",
+    exact_max_items: Annotated[Optional[int], typer.Option(
+        min=1, help="With --kind auto: exact search up to this many items, HNSW above.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: data/models/<dataset>/index).")] = None,
+    track: Annotated[bool, typer.Option("--track/--no-track",
+                                        help="Log to MLflow and save to the BentoML model store.")] = True,
+    bentoml_home: BentomlHome = None,
+) -> None:
+    """Build the user -> item (inner product) and item -> item (cosine) indexes from the ALS factors."""
+    from dataclasses import replace
+
+    from models.index import IndexConfig
+    from models.train import build_index
+    from pipelines.canonical import DatasetError
+
+    settings = settings_of(ctx)
+    try:
+        config = IndexConfig(kind=kind)  # type: ignore[arg-type]
+        if exact_max_items is not None:
+            config = replace(config, exact_max_items=exact_max_items)
+        result = build_index(settings, config, out=out, track=track, bentoml_home=bentoml_home)
+    except (ValueError, DatasetError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    for name, report in result.index.report.items():
+        typer.echo(f"{name}: {report['kind']} over {report['items']:,} items x {report['dim']}, "
+                   f"recall@{report['recall_k']} {report['recall_at_k']:.3f} vs exact, built in {report['build_s']}s")
+    typer.echo(f"  saved to {result.path}")
+    if result.run_id:
+        typer.echo(f"  MLflow run {result.run_id}; registered {result.registered}; BentoML model {result.bento_tag}")
+
+
+def evaluate_cmd(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(help="A MovieLens folder (or a canonical dataset folder).")],
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")],
+    layout: Annotated[str, typer.Option(help="auto, ml-100k, ml-csv or canonical.")] = "auto",
+    workspace: Annotated[Optional[Path], typer.Option(
+        help="Keep the workspace (data copy, factors, MLflow store) here; default: a temporary one.")] = None,
+    tune: Annotated[bool, typer.Option("--tune/--no-tune", help="Tune ALS on the validation split.")] = True,
+    mlflow_uri: Annotated[Optional[str], typer.Option(
+        help="Log to this MLflow instead of the workspace's own SQLite store.")] = None,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log the run to MLflow.")] = True,
+    two_stage: Annotated[bool, typer.Option("--two-stage/--no-two-stage",
+                                            help="Also train the ranker and score ALS candidates re-ranked by it.")] = True,
+) -> None:
+    """Load -> split -> clean -> tune -> fit -> evaluate under the one protocol; writes a JSON report.
+
+    Runs in its own workspace: it never touches the demo's data, models or MLflow registry.
+    """
+    from models.evaluate import EvaluationConfig, run_evaluation
+    from pipelines.canonical import DatasetError
+    from pipelines.loaders import LoaderError
+
+    from models.ranker_train import two_stage as ranker_two_stage
+
+    config = EvaluationConfig() if tune else EvaluationConfig(grid=None)
+    try:
+        report = run_evaluation(data, out, layout=layout, workspace=workspace, config=config,
+                                settings=settings_of(ctx), tracking_uri=mlflow_uri, track=track,
+                                two_stage=ranker_two_stage if two_stage else None)
+    except (ValueError, DatasetError, LoaderError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    headline = {k: v for k, v in report.items() if k.endswith(("@10", "@20")) and v is not None}
+    typer.echo(json.dumps(headline, indent=2))
+    typer.echo(f"report: {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `train`, `index` and `evaluate` to the root `recsys` app."""
+    app.add_typer(train_app, name="train")
+    app.add_typer(index_app, name="index")
+    app.command("evaluate")(evaluate_cmd)

@@ -1,0 +1,209 @@
+"""The recommendation flow against the real stack (Redis, Feast online store, FAISS index)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+
+from bentos.engine import RecommendationEngine, ServingConfig, cache_key, purchased_key
+from bentos.factory import build_engine, redis_client
+from bentos.precompute import PrecomputeConfig, active_users, precompute
+from models.als import Factors
+from models.retrieval import RetrievalIndex
+from pipelines.stack import LocalStack
+from recsys import feature_tables as T
+from recsys import schema as S
+from recsys.config import Settings
+from tests.conftest import isolated_settings
+from tests.feature_workspace import N_ITEMS, N_USERS, vector
+
+
+@pytest.fixture(scope="module")
+def index_dir(feature_ws: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    users = np.arange(1, N_USERS + 1)
+    items = np.arange(1, N_ITEMS + 1)
+    factors = Factors(users, np.array([vector(u) for u in users], np.float32), items,
+                      np.array([vector(i, 0.1) for i in items], np.float32), datetime(2026, 1, 4, tzinfo=timezone.utc))
+    folder = tmp_path_factory.mktemp("index") / "index"
+    RetrievalIndex.build(factors).save(folder)
+    return folder
+
+
+@pytest.fixture()
+def engine(feature_ws: Settings, index_dir: Path) -> Iterator[RecommendationEngine]:
+    # small strategy quotas, so that on a 40-item catalogue every strategy contributes
+    eng = build_engine(feature_ws, index_dir,
+                       config=ServingConfig(n_als=5, n_similar=3, n_content=5, n_trending=5, new_item_share=0.0))
+    yield eng
+    eng.close()
+
+
+def _active_user(settings: Settings, at_least: int = 10) -> int:
+    profiles = pd.read_parquet(T.table_path(settings, T.USER_PROFILE))
+    latest = profiles.sort_values(S.COL_TS).groupby(S.COL_USER).tail(1)
+    return int(latest[latest["n_events"] >= at_least].sort_values(S.COL_USER)[S.COL_USER].iloc[0])
+
+
+def _categories(engine: RecommendationEngine, items: list[dict]) -> list[int]:
+    return engine.catalog.category_of([i["item_id"] for i in items]).tolist()
+
+
+def test_unknown_user_gets_diversified_popular_items(engine: RecommendationEngine) -> None:
+    rec = engine.recommend(424242, k=10, use_cache=False)
+    assert rec.cold_start and not rec.degraded
+    assert len(rec.items) == 10
+    cats = _categories(engine, rec.items)
+    # popular items taken in turns from the 5 categories (2 each), then re-scored by the rules,
+    # which keep at most 3 of a category in the top 10
+    assert len(set(cats)) >= 4 and max(cats.count(c) for c in set(cats)) <= 3
+    assert {i["strategy"] for i in rec.items} == {"popular"}
+
+
+def test_cold_start_with_onboarding_categories(engine: RecommendationEngine) -> None:
+    rec = engine.recommend(424243, k=10, context={"categories": [2]})
+    assert rec.cold_start
+    assert set(_categories(engine, rec.items)) == {2}
+    frame = engine.catalog.frame
+    in_category = int(np.sum((frame[S.COL_CATEGORY] == 2) & (frame["inventory"] > 0)))  # out of stock: removed
+    assert len(rec.items) == min(10, in_category)
+    # every 5th slot is an exploration item when one exists
+    strategies = [i["strategy"] for i in rec.items]
+    assert set(strategies) <= {"popular", "exploration"}
+
+
+def test_personalised_answer_excludes_recent_and_purchased(engine: RecommendationEngine,
+                                                           feature_ws: Settings) -> None:
+    from pipelines import feature_store as fs
+
+    user = _active_user(feature_ws)
+    store = fs.get_store(feature_ws, skip_dedup=True)
+    fs.push_user_realtime(store, pd.DataFrame({
+        S.COL_USER: [user], S.COL_TS: [datetime(2026, 1, 4, 23, tzinfo=timezone.utc)], "last_5_items": [[3, 4]],
+        "last_action_ts": [datetime(2026, 1, 4, 23, tzinfo=timezone.utc)], "interaction_count": [50],
+        "total_purchases": [1], "preferred_categories": [[1]]}))
+    engine.client.sadd(purchased_key(user), 7)
+    try:
+        rec = engine.recommend(user, k=100, use_cache=False)
+    finally:
+        engine.client.delete(purchased_key(user))
+    ids = [i["item_id"] for i in rec.items]
+    assert not rec.cold_start and not rec.degraded
+    assert not {3, 4, 7} & set(ids)
+    assert len(ids) == len(set(ids)) and all(i > 0 for i in ids)
+    assert {i["strategy"] for i in rec.items} <= {"als", "similar", "content", "trending"}
+    assert {"als", "similar", "content"} <= {i["strategy"] for i in rec.items}
+    assert all(not (i["item_id"] in engine.catalog and engine.catalog.frame.at[i["item_id"], "inventory"] == 0)
+               for i in rec.items)
+
+
+def test_cache_hit_then_invalidation(engine: RecommendationEngine) -> None:
+    user = 424244
+    engine.client.delete(cache_key(user))
+    first = engine.recommend(user, k=3)
+    deadline = time.monotonic() + 5
+    while not engine.client.exists(cache_key(user)) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the cache is written off the response path
+    second = engine.recommend(user, k=2)
+    assert not first.cached and second.cached
+    assert [i["item_id"] for i in second.items] == [i["item_id"] for i in first.items][:2]
+    engine.client.delete(cache_key(user))  # what the stream does on every new event
+    assert not engine.recommend(user, k=2).cached
+
+
+class _SlowScorer:
+    version = "slow"
+
+    def score(self, *args: object) -> np.ndarray:
+        time.sleep(0.5)
+        return np.zeros(len(args[2]))  # type: ignore[arg-type]
+
+
+class _BrokenScorer:
+    version = "broken"
+
+    def score(self, *args: object) -> np.ndarray:
+        raise RuntimeError("model exploded")
+
+
+@pytest.mark.parametrize(("scorer", "reason"), [(_SlowScorer(), "ranker timeout"), (_BrokenScorer(), "ranker error")])
+def test_ranker_failure_falls_back_to_cosine(engine: RecommendationEngine, feature_ws: Settings,
+                                             scorer: object, reason: str) -> None:
+    engine.scorer = scorer  # type: ignore[assignment]
+    rec = engine.recommend(_active_user(feature_ws), k=5, use_cache=False)
+    assert rec.degraded and reason in rec.degraded_reasons
+    assert len(rec.items) == 5 and all(0.0 <= i["score"] <= 1.2 for i in rec.items)
+
+
+def test_k_larger_than_catalogue_and_index(engine: RecommendationEngine, feature_ws: Settings) -> None:
+    rec = engine.recommend(_active_user(feature_ws), k=100, use_cache=False)
+    ids = [i["item_id"] for i in rec.items]
+    assert 0 < len(ids) <= N_ITEMS and len(ids) == len(set(ids)) and min(ids) > 0
+
+
+def test_similar_items(engine: RecommendationEngine) -> None:
+    items = engine.similar_items(5, k=3)
+    assert len(items) == 3 and 5 not in [i["item_id"] for i in items]
+    with pytest.raises(KeyError):
+        engine.similar_items(999_999, k=3)
+
+
+def test_redis_down_degrades_then_recovers(feature_ws: Settings, index_dir: Path, tmp_path: Path) -> None:
+    own = isolated_settings(tmp_path)
+    stack = LocalStack(own)
+    stack.up(["redis"])
+    engine = build_engine(feature_ws, index_dir, config=ServingConfig(redis_retry_s=0.2),
+                          client=redis_client(own))
+    try:
+        assert not engine.recommend(1, k=5, use_cache=False).degraded
+        stack.down(["redis"])
+        down = engine.recommend(1, k=5)
+        assert down.degraded and len(down.items) == 5  # popular items held in memory
+        assert {i["strategy"] for i in down.items} == {"popular"}
+        stack.up(["redis"])
+        time.sleep(0.3)  # past the circuit breaker's retry window
+        assert not engine.recommend(1, k=5).degraded
+    finally:
+        engine.close()
+        stack.down()
+
+
+def test_precompute_fills_the_cache_with_tiers(engine: RecommendationEngine, feature_ws: Settings) -> None:
+    now = datetime(2026, 1, 4, tzinfo=timezone.utc)
+    users = active_users(feature_ws, now, 24)
+    assert users.is_monotonic_decreasing and len(users) > 0
+    stats = precompute(engine, users, PrecomputeConfig(ttl_s=100, hot_ttl_s=1000), progress=False)
+    assert stats.written + stats.degraded == len(users) and stats.hot_users == int(np.ceil(len(users) * 0.1))
+    hottest, coldest = int(users.index[0]), int(users.index[-1])
+    assert 100 < engine.client.ttl(cache_key(hottest)) <= 1000
+    assert 0 < engine.client.ttl(cache_key(coldest)) <= 100
+    assert engine.recommend(hottest, k=3).cached
+
+
+def test_redis_client_has_short_timeouts(feature_ws: Settings) -> None:
+    client = redis_client(feature_ws)
+    assert isinstance(client, redis.Redis)
+    assert client.connection_pool.connection_kwargs["socket_timeout"] <= 0.25
+
+
+def test_new_item_gets_an_exploration_slot(feature_ws: Settings, index_dir: Path) -> None:
+    from bentos.factory import add_item
+
+    engine = build_engine(feature_ws, index_dir, config=ServingConfig(n_als=5, n_similar=3, n_content=5,
+                                                                      n_trending=5, new_item_share=1.0))
+    try:
+        source = add_item(engine, {S.COL_ITEM: 80_001, "title": "new", S.COL_CATEGORY: 1, "tags": [],
+                                   "price": 1.0, "margin": 0.1, "quality_score": 4.0, "inventory": 3,
+                                   "image_url": None})
+        assert source == "mean of its category's vectors"
+        rec = engine.recommend(_active_user(feature_ws), k=10, use_cache=False)
+        slots = [i for i, item in enumerate(rec.items) if item["strategy"] == "new_item"]
+        assert slots == [9] and rec.items[9]["item_id"] == 80_001  # the last visible slot
+    finally:
+        engine.close()

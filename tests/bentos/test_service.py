@@ -1,0 +1,252 @@
+"""A real `bentoml serve` process against the real stack: the HTTP contract, bad input, auth,
+Kafka and Redis outages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer
+
+from models.als import Factors
+from models.retrieval import RetrievalIndex
+from pipelines.stack import LocalStack, free_port
+from recsys.config import Settings
+from tests.conftest import REPO, isolated_settings
+from tests.feature_workspace import N_ITEMS, N_USERS, vector
+
+API_KEY = "test-key-123"
+
+
+class Server:
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.port, self.proc, self.log = port, proc, log
+
+    def call(self, path: str, body: Any = None, key: str | None = None, raw: bytes | None = None,
+             method: str = "POST") -> tuple[int, dict[str, str], Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                     headers={"content-type": "application/json", **({"x-api-key": key} if key else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                payload = resp.read()
+                status, headers = resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            payload, status, headers = err.read(), err.code, dict(err.headers)
+        try:
+            return status, headers, json.loads(payload)
+        except ValueError:
+            return status, headers, payload.decode()
+
+
+def _env(settings: Settings, bentoml_home: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "RECSYS_HOME": str(settings.home), "RECSYS_DATA_DIR": str(settings.data_path),
+            "RECSYS_DATASET": settings.dataset, "RECSYS_FEAST_PROJECT": settings.feast_project,
+            "REDIS_URL": settings.effective_redis_url, "KAFKA_BOOTSTRAP_SERVERS": settings.effective_kafka_bootstrap,
+            "RECSYS_API_KEY": API_KEY, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True", **extra}
+
+
+@contextmanager
+def serve(env: dict[str, str], log: Path) -> Iterator[Server]:
+    port = free_port()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "bentos.service:Recommender",
+                                 "--port", str(port), "--host", "127.0.0.1"],
+                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(port, proc, log)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None or "Application startup failed" in log.read_text(errors="replace"):
+                raise RuntimeError(f"bentoml serve failed to start: {log.read_text()[-3000:]}")
+            try:
+                if server.call("/readyz", method="GET")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"bentoml serve not ready in 180 s: {log.read_text()[-3000:]}")
+        yield server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding an index over the workspace's embeddings."""
+    from models.tracking import save_to_bentoml
+
+    home = tmp_path_factory.mktemp("bentoml")
+    users, items = np.arange(1, N_USERS + 1), np.arange(1, N_ITEMS + 1)
+    factors = Factors(users, np.array([vector(u) for u in users], np.float32), items,
+                      np.array([vector(i, 0.1) for i in items], np.float32), datetime(2026, 1, 4, tzinfo=timezone.utc))
+    folder = home / "build" / "index"
+    RetrievalIndex.build(factors).save(folder)
+    save_to_bentoml("item_index", folder, run_id="test-run", bentoml_home=home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def server(feature_ws: Settings, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serve(_env(feature_ws, bentoml_home), tmp_path_factory.mktemp("serve") / "serve.log") as srv:
+        yield srv
+
+
+def test_recommend_answers_with_metadata(server: Server) -> None:
+    status, _, body = server.call("/recommend", {"user_id": 3, "k": 5, "context": {"device": "mobile"}})
+    assert status == 200, body
+    assert len(body["items"]) == 5 and body["degraded"] is False
+    assert set(body["items"][0]) == {"item_id", "score", "title", "price", "image_url", "strategy"}
+    assert body["model_versions"]["index"].startswith("item_index:")
+    assert body["model_versions"]["index_mlflow_run"] == "test-run"
+
+
+def test_unknown_user_is_cold_start(server: Server) -> None:
+    status, _, body = server.call("/recommend", {"user_id": 987654})
+    assert status == 200 and body["cold_start"] is True and len(body["items"]) == 10
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"user_id": -1}, "user_id"),
+    ({"user_id": 1, "k": 0}, "k"),
+    ({"user_id": 1, "k": 101}, "k"),
+    ({"user_id": "abc"}, "user_id"),
+    ({"k": 5}, "user_id"),
+    ({"user_id": 1, "context": {"device": "fax"}}, "device"),
+    ({"user_id": 1, "context": {"colour": "red"}}, "colour"),
+    ({"user_id": 1, "context": {"categories": [-3]}}, "categories"),
+])
+def test_bad_input_is_a_4xx_naming_the_field(server: Server, body: dict, field: str) -> None:
+    status, _, reply = server.call("/recommend", body)
+    assert 400 <= status < 500, reply
+    assert field in json.dumps(reply)
+
+
+def test_malformed_json_is_a_4xx(server: Server) -> None:
+    status, _, _ = server.call("/recommend", raw=b'{"user_id": ')
+    assert 400 <= status < 500
+
+
+def test_similar_items(server: Server) -> None:
+    status, _, body = server.call("/similar_items", {"item_id": 5, "k": 3})
+    assert status == 200 and len(body["items"]) == 3 and 5 not in [i["item_id"] for i in body["items"]]
+    status, _, _ = server.call("/similar_items", {"item_id": 999_999, "k": 3})
+    assert status == 404
+
+
+def test_write_endpoints_need_the_key(server: Server) -> None:
+    event = {"user_id": 1, "item_id": 2, "event_type": "VIEW"}
+    assert server.call("/events", event)[0] == 401
+    assert server.call("/events", event, key="wrong")[0] == 401
+    # the key is checked before the body: even garbage gets 401, not 400
+    assert server.call("/events", raw=b"not json")[0] == 401
+    assert server.call("/items", {"item_id": 1}, key=None)[0] == 401
+
+
+def test_event_reaches_kafka(server: Server, feature_ws: Settings) -> None:
+    user = 5000 + int(uuid.uuid4().int % 1000)
+    status, _, body = server.call("/events", {"user_id": user, "item_id": 2, "event_type": "CLICK"}, key=API_KEY)
+    assert status == 200 and body["status"] == "accepted"
+    consumer = KafkaConsumer(feature_ws.events_topic, bootstrap_servers=feature_ws.effective_kafka_bootstrap,
+                             group_id=f"t-{uuid.uuid4().hex}", auto_offset_reset="earliest", consumer_timeout_ms=20000,
+                             session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    found = None
+    for message in consumer:
+        value = json.loads(message.value)
+        if value["event_id"] == body["event_id"]:
+            found = (message.key, value)
+            break
+    consumer.close()
+    assert found is not None
+    key, value = found
+    assert key == str(user).encode() and value["event_type"] == "CLICK" and value["item_id"] == 2
+
+
+def test_bad_event_is_a_4xx(server: Server) -> None:
+    status, _, reply = server.call("/events", {"user_id": 1, "item_id": 2, "event_type": "LIKE"}, key=API_KEY)
+    assert 400 <= status < 500 and "event_type" in json.dumps(reply)
+
+
+def test_new_item_is_indexed_and_similar(server: Server) -> None:
+    item = {"item_id": 90001, "title": "Brand new", "category_id": 2, "tags": ["c2-t1"], "price": 9.5,
+            "inventory": 5}
+    status, _, body = server.call("/items", item, key=API_KEY)
+    assert status == 200 and body["indexed"] is True and "category" in body["embedding_from"]
+    status, _, body = server.call("/similar_items", {"item_id": 90001, "k": 3})
+    assert status == 200 and len(body["items"]) == 3
+
+
+def test_metrics_expose_stages_and_cache(server: Server) -> None:
+    server.call("/recommend", {"user_id": 4})
+    status, _, text = server.call("/metrics", method="GET")
+    assert status == 200
+    assert "recsys_stage_seconds" in text and "recsys_cache_requests_total" in text
+
+
+def test_kafka_and_redis_outages(feature_ws: Settings, bentoml_home: Path, tmp_path: Path) -> None:
+    """Its own Redis (stopped and restarted mid-test) and a Kafka address where nothing listens."""
+    own = isolated_settings(tmp_path)
+    stack = LocalStack(own)
+    stack.up(["redis"])
+    env = _env(feature_ws, bentoml_home, REDIS_URL=own.effective_redis_url,
+               KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+    try:
+        with serve(env, tmp_path / "serve.log") as srv:
+            status, headers, body = srv.call("/events", {"user_id": 1, "item_id": 2, "event_type": "VIEW"},
+                                             key=API_KEY)
+            assert status == 503 and headers.get("retry-after") == "5" and body["status"] == "unavailable"
+            assert srv.call("/recommend", {"user_id": 1})[2]["degraded"] is False
+            stack.down(["redis"])
+            status, _, body = srv.call("/recommend", {"user_id": 1})
+            assert status == 200 and body["degraded"] is True and len(body["items"]) == 10
+            stack.up(["redis"])
+            deadline = time.monotonic() + 10
+            while srv.call("/recommend", {"user_id": 1})[2]["degraded"] and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert srv.call("/recommend", {"user_id": 1})[2]["degraded"] is False
+    finally:
+        stack.down()
+
+
+def test_viewed_items_are_excluded_and_their_neighbours_included(server: Server, feature_ws: Settings) -> None:
+    """End to end: events through /events -> Kafka -> the stream consumer -> real-time features ->
+    /recommend. The user is new, so everything it knows comes from the stream."""
+    from pipelines.stream import StreamOptions, StreamProcessor
+
+    user = 700_000 + int(uuid.uuid4().int % 100_000)
+    viewed = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]  # 12 events: past the cold-start threshold
+    for item in viewed:
+        status, _, body = server.call("/events", {"user_id": user, "item_id": item, "event_type": "VIEW"},
+                                      key=API_KEY)
+        assert status == 200, body
+        time.sleep(0.002)  # distinct event times: the newest is the last one sent
+    StreamProcessor(feature_ws, StreamOptions.from_settings(feature_ws, stop_when_caught_up=True,
+                                                            group_id=f"e2e-{uuid.uuid4().hex[:6]}")).run()
+    status, _, body = server.call("/recommend", {"user_id": user, "k": 20})
+    assert status == 200 and body["cold_start"] is False, body
+    ids = [i["item_id"] for i in body["items"]]
+    recent = viewed[-5:]  # last_5_items: what the user just viewed is not recommended again
+    assert not set(recent) & set(ids)
+    status, _, similar = server.call("/similar_items", {"item_id": recent[-1], "k": 10})
+    neighbours = {i["item_id"] for i in similar["items"]} - set(recent)
+    assert neighbours & set(ids), (ids, neighbours)
+    assert "similar" in {i["strategy"] for i in body["items"]}
