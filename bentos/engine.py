@@ -190,6 +190,8 @@ class RecommendationEngine:
         self.model_versions = dict(model_versions or {})
         self.breaker = RedisBreaker(self.config.redis_retry_s)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="recsys")
+        #: FAISS may not be searched while an item is being added (POST /items): both take this lock
+        self.index_lock = threading.Lock()
 
     # ---- public ------------------------------------------------------------------------------
 
@@ -217,9 +219,12 @@ class RecommendationEngine:
 
     def similar_items(self, item_id: int, k: int = 10) -> list[dict[str, Any]]:
         """Nearest items by cosine of ALS vectors; category neighbours when the item has no vector."""
-        if self.index is not None and self.index.item_to_item.contains(np.array([item_id]))[0]:
-            vec = self.index.item_to_item.vectors(np.array([item_id]))
-            scores, ids = self.index.item_to_item.search(vec, k + 1)
+        with self.index_lock:
+            found = self.index is not None and self.index.item_to_item.contains(np.array([item_id]))[0]
+            if found:
+                vec = self.index.item_to_item.vectors(np.array([item_id]))
+                scores, ids = self.index.item_to_item.search(vec, k + 1)
+        if found:
             pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != item_id][:k]
             return self._decorate([p[0] for p in pairs], [p[1] for p in pairs], ["similar"] * len(pairs))
         if item_id not in self.catalog:
@@ -424,9 +429,10 @@ class RecommendationEngine:
         empty: tuple[list[int], list[float]] = ([], [])
         if self.index is None:
             return empty, empty
-        cands = generate_candidates(
-            self.index, user_vec, recent, seen,
-            CandidateConfig(n_als=self.config.n_als, n_similar=self.config.n_similar, max_recent=5))
+        with self.index_lock:
+            cands = generate_candidates(
+                self.index, user_vec, recent, seen,
+                CandidateConfig(n_als=self.config.n_als, n_similar=self.config.n_similar, max_recent=5))
         als = [(int(i), float(s)) for i, s, src in zip(cands.item_ids, cands.scores, cands.sources) if src == "als"]
         sim = [(int(i), float(s)) for i, s, src in zip(cands.item_ids, cands.scores, cands.sources) if src != "als"]
         return ([i for i, _ in als], [s for _, s in als]), ([i for i, _ in sim], [s for _, s in sim])
@@ -488,7 +494,8 @@ class RecommendationEngine:
         if user_vec is None or not np.any(user_vec):
             return None
         if self.index is not None:
-            vectors = self.index.user_to_item.vectors(ids)
+            with self.index_lock:
+                vectors = self.index.user_to_item.vectors(ids)
         elif item_feats is not None and item_feats.get("item_embedding") is not None:
             vectors = np.array([v if v else np.zeros_like(user_vec) for v in item_feats["item_embedding"]],
                                dtype=np.float32)

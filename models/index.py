@@ -1,8 +1,9 @@
 """FAISS over item embeddings: inner product for user -> item, cosine for item -> item.
 
 - **Kind by size**: exact search (``IndexFlat``) up to ``exact_max_items`` items, HNSW above.
-- **Ids**: every index is an ``IndexIDMap2``, so FAISS returns item ids directly; the -1 that
-  FAISS pads with (k larger than the index, or too few reachable items) never leaves this module.
+- **Ids**: every index is an ``IndexIDMap2``, so FAISS returns item ids directly. A k larger
+  than the index is trimmed to its size; a slot HNSW could not fill comes back as id -1 with
+  score -inf (and candidate generation skips it).
 - **Recall report**: when built, an HNSW index measures its recall@10 against exact search on a
   sample of queries, starting from a small ``efSearch`` and doubling it (up to ``ef_search_max``)
   until it reaches ``target_recall``: the fastest setting that is good enough. The numbers are in
