@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 USER_FEATURES = (
     "user_profile:n_events",
+    "user_profile:n_events_7d",
+    "user_profile:mean_rating",
+    "user_profile:days_since_first_seen",
     "user_profile:top_categories",
     "user_realtime:last_5_items",
     "user_realtime:interaction_count",
@@ -61,6 +64,7 @@ ITEM_FEATURES = (
     "item_profile:inventory",
     "item_profile:margin",
     "item_profile:quality_score",
+    "item_profile:popularity_1d",
     "item_profile:popularity_7d",
     "item_profile:title",
     "item_profile:price",

@@ -62,10 +62,21 @@ def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: 
     engine = RecommendationEngine(catalog, client, reader.read, index=load_index(index_dir),
                                   scorer=load_scorer(ranker_dir), config=config, model_versions=model_versions)
     replay_new_items(engine, new_items_log(settings))
+    if engine.scorer is not None:
+        warm_up(engine.scorer)
     log.info("engine ready: %d items in the catalogue, index %s, ranker %s", len(catalog),
              "loaded" if engine.index is not None else "absent (popularity and content only)",
              "loaded" if engine.scorer is not None else "absent (strategy blend)")
     return engine
+
+
+def warm_up(scorer: Scorer) -> None:
+    """One throw-away call, so TensorFlow builds its graph before the first request's timeout."""
+    items = {ref.partition(":")[2]: [None] for ref in ITEM_FEATURES}
+    try:
+        scorer.score({}, items, np.array([0], dtype=np.int64), np.zeros(1), {})
+    except Exception:  # noqa: BLE001 - a broken model shows up as fallbacks, counted per request
+        log.warning("ranker warm-up failed: requests will fall back to cosine scores", exc_info=True)
 
 
 def add_item(engine: RecommendationEngine, item: Mapping[str, Any]) -> str:

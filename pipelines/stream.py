@@ -22,7 +22,9 @@ Where the state lives, and why a crash is harmless: each user's fold state (feat
 inputs such as category counts, and the ids of recent events) is one Redis value,
 ``rt:{project}:u:{user_id}``, written in the same transaction as the outbox. After a SIGKILL the
 consumer restarts from the last committed offsets: the outbox entries still waiting are appended
-offline first, and the redelivered events are recognised by id and skipped. A crash between the
+offline first, and the redelivered events are skipped by the per-partition applied-offset
+watermark stored in the same transaction (event ids catch replays of the same events at new
+offsets). A crash between the
 online push (3) and the transaction (4) redelivers events that the state has not seen: they are
 folded again into the same rows and pushed again. The offline append is at least once: a crash
 between the append and the outbox trim appends identical rows (same event_timestamp and created)
@@ -68,6 +70,21 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _TRENDING = frozenset(trending.TRENDING_TYPES)
+
+
+def _topic_id(settings: Settings, topic: str) -> str:
+    """The broker's id of this incarnation of the topic ("" when the broker does not say)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.effective_kafka_bootstrap, client_id="recsys-stream-admin")
+    try:
+        described = admin.describe_topics([topic])
+        return str(described[0].get("topic_id") or "") if described else ""
+    except Exception:  # noqa: BLE001 - an old broker without topic ids: the watermark key stays generic
+        log.warning("could not read the topic id of %s", topic, exc_info=True)
+        return ""
+    finally:
+        admin.close()
 
 
 def recs_cache_key(user_id: int) -> str:
@@ -221,10 +238,20 @@ class OnlineRowWriter:
 class StateStore:
     """Redis keys of the stream: per-user fold state and per-partition outbox of offline rows."""
 
-    def __init__(self, client: redis.Redis, project: str, topic: str) -> None:
+    def __init__(self, client: redis.Redis, project: str, topic: str, topic_id: str = "") -> None:
         self.client = client
         self.prefix = f"rt:{project}"
         self.topic = topic
+        # offsets restart at 0 when a topic is recreated (the local broker keeps topics in
+        # memory), so the applied watermark belongs to one incarnation of the topic
+        self.topic_id = topic_id or "unknown"
+
+    def applied_key(self) -> str:
+        return f"{self.prefix}:applied:{self.topic}:{self.topic_id}"
+
+    def applied_offsets(self) -> dict[int, int]:
+        """The highest offset of each partition already folded into the states."""
+        return {int(p): int(o) for p, o in self.client.hgetall(self.applied_key()).items()}
 
     def state_key(self, user_id: int) -> str:
         return f"{self.prefix}:u:{int(user_id)}"
@@ -404,7 +431,7 @@ class StreamProcessor:
         ensure_topics(s)
         self.catalogue = ItemCatalogue(s.dataset_path)
         self.redis = redis.Redis.from_url(s.effective_redis_url)
-        self.state = StateStore(self.redis, s.feast_project, self.topic)
+        self.state = StateStore(self.redis, s.feast_project, self.topic, _topic_id(s, self.topic))
         self.online = OnlineRowWriter(get_store(s, skip_dedup=True))
         self.dlq = _DeadLetters(s.effective_kafka_bootstrap, s.dlq_topic)
         self._server = self.metrics.serve(self.options.metrics_port) if self.options.metrics_port is not None else None
@@ -476,6 +503,9 @@ class StreamProcessor:
     # ---- one micro-batch ------------------------------------------------------------------
 
     def _process(self, batch: dict[Any, list[ConsumerRecord]]) -> None:
+        batch = self._skip_applied(batch)
+        if not batch:
+            return
         records = [r for recs in batch.values() for r in recs]
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = time.monotonic()
@@ -516,6 +546,28 @@ class StreamProcessor:
         self._retry("state transaction", lambda: self._commit_state(batch, changed, rows_by_partition, uids, counts))
         self._account(records, len(dead), len(rows), time.time())
         self.stats.last_batch_at = time.monotonic()
+
+    def _skip_applied(self, batch: dict[Any, list[ConsumerRecord]]) -> dict[Any, list[ConsumerRecord]]:
+        """Drop redelivered messages whose offsets the states already hold.
+
+        After a crash the consumer resumes from the last *committed* offset, which trails the
+        applied one by up to an offline-flush interval: far more events per user than the event-id
+        window remembers. The per-partition watermark, written in the same transaction as the
+        states, recognises all of them, however many.
+        """
+        applied = self.state.applied_offsets()
+        kept: dict[Any, list[ConsumerRecord]] = {}
+        skipped = 0
+        for tp, recs in batch.items():
+            mark = applied.get(tp.partition, -1)
+            fresh = [r for r in recs if r.offset > mark]
+            skipped += len(recs) - len(fresh)
+            if fresh:
+                kept[tp] = fresh
+        if skipped:
+            self.stats.duplicates += skipped
+            self.metrics.events.labels("duplicate").inc(skipped)
+        return kept
 
     def _fold(self, decoded: Any, groups: dict[int, list[int]], states: dict[int, UserState]
               ) -> tuple[dict[int, UserState], dict[tuple[int, int | None], Counter[int]], list[int]]:
@@ -577,6 +629,7 @@ class StreamProcessor:
             pipe.set(self.state.state_key(user), state.dumps())
         for tp, recs in batch.items():
             self.state.queue_outbox(pipe, tp.partition, recs[-1].offset, rows_by_partition[tp.partition])
+        pipe.hset(self.state.applied_key(), mapping={tp.partition: recs[-1].offset for tp, recs in batch.items()})
         if users:
             pipe.delete(*[recs_cache_key(u) for u in users])
         trending.queue_increments(pipe, counts, self.options.trending)

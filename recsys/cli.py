@@ -199,12 +199,13 @@ def demo(
     ctx: typer.Context,
     users: Annotated[int, typer.Option(min=1, help="Synthetic users.")] = 10_000,
     items: Annotated[int, typer.Option(min=1, help="Synthetic items.")] = 5_000,
+    ranker: Annotated[bool, typer.Option(help="Also train the TensorFlow ranker (several more minutes).")] = False,
 ) -> None:
     """The main job, end to end on the synthetic default: stack up, data, and what to look at next."""
     from recsys.demo import run_demo
 
     try:
-        run_demo(settings_of(ctx), n_users=users, n_items=items)
+        run_demo(settings_of(ctx), n_users=users, n_items=items, ranker=ranker)
     except RuntimeError as exc:
         raise CliError(str(exc)) from exc
 

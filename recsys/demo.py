@@ -139,7 +139,7 @@ def step_stream(settings: Settings) -> None:
     typer.echo("  trending: " + (", ".join(f"item {i} ({n:.0f})" for i, n in top) or "nothing in the window"))
 
 
-def step_train(settings: Settings) -> None:
+def step_train(settings: Settings, ranker: bool = False) -> None:
     """Spark ALS on the cleaned events -> embeddings offline and online -> FAISS index -> MLflow
     and the BentoML model store (what the service loads)."""
     from models.train import build_index, train_als
@@ -152,17 +152,17 @@ def step_train(settings: Settings) -> None:
     fs.materialize(settings, now - timedelta(days=365), now, views=[T.USER_EMBEDDING, T.ITEM_EMBEDDING])
     index = build_index(settings)
     typer.echo(f"  FAISS index saved to the BentoML store as {index.bento_tag}")
-    ranker = _optional_ranker_step(settings)
     if ranker:
-        typer.echo(f"  ranker: {ranker}")
+        typer.echo(f"  ranker: {_ranker_step(settings)}")
+    else:
+        typer.echo("  ranker: skipped (add --ranker, or run `recsys train ranker`): the service blends the "
+                   "strategies' scores without it")
 
 
-def _optional_ranker_step(settings: Settings) -> str | None:
-    """Train the TensorFlow ranker when the installed code has it (models/ranker.py)."""
-    try:
-        from models.ranker import train_ranker_for_demo
-    except ImportError:
-        return None
+def _ranker_step(settings: Settings) -> str:
+    """The TensorFlow ranker on point-in-time frames from Feast, to MLflow and the BentoML store."""
+    from models.ranker import train_ranker_for_demo
+
     return train_ranker_for_demo(settings)
 
 
@@ -198,7 +198,7 @@ def step_serve(settings: Settings) -> None:
     typer.echo(f"  POST /events (with X-API-Key) -> {reply['status']}, event_id {reply['event_id']}")
 
 
-def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000) -> None:
+def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000, ranker: bool = False) -> None:
     steps = 7
     typer.secho(f"[1/{steps}] local stack", bold=True)
     step_stack(settings)
@@ -213,7 +213,7 @@ def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000) ->
     step_replay_tail(settings)
     step_stream(settings)
     typer.secho(f"[6/{steps}] training: Spark ALS, FAISS index, MLflow, BentoML model store", bold=True)
-    step_train(settings)
+    step_train(settings, ranker)
     typer.secho(f"[7/{steps}] serving: bentoml serve on port {settings.service_port}, sample requests", bold=True)
     step_serve(settings)
     typer.secho("\nDone. Where to look next:", bold=True, fg=typer.colors.GREEN)

@@ -250,3 +250,15 @@ def test_viewed_items_are_excluded_and_their_neighbours_included(server: Server,
     neighbours = {i["item_id"] for i in similar["items"]} - set(recent)
     assert neighbours & set(ids), (ids, neighbours)
     assert "similar" in {i["strategy"] for i in body["items"]}
+
+
+def test_bentoml_build_packages_the_pinned_models(bentoml_home: Path) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
+    built = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    shown = subprocess.run([sys.executable, "-m", "bentoml", "get", "recsys:latest", "-o", "json"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=60)
+    info = json.loads(shown.stdout)
+    tags = [m["tag"] for svc in info["services"] for m in svc["models"]]
+    assert any(t.startswith("item_index:") for t in tags), info

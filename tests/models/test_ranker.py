@@ -4,6 +4,8 @@ Feast stack, and the two-stage model against ALS alone on ML-100K."""
 
 from __future__ import annotations
 
+import os
+
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -187,8 +189,15 @@ def test_training_frame_never_holds_a_value_stamped_after_its_label(feature_ws: 
 # ---- quality on ML-100K ---------------------------------------------------------------------------
 
 
+# The two-stage run on ML-100K takes about 10 minutes on 2 cores (its own feature store, Feast
+# point-in-time joins, the ranker fit): too long for every CI run. `make test-slow` runs it.
+RUN_TWO_STAGE = os.environ.get("RECSYS_RUN_TWO_STAGE") == "1"
+
+
 @pytest.fixture(scope="module")
 def ml100k_report(ml100k_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if not RUN_TWO_STAGE:
+        pytest.skip("two-stage ML-100K evaluation (~10 min): set RECSYS_RUN_TWO_STAGE=1 or run `make test-slow`")
     from models.evaluate import EvaluationConfig, run_evaluation
     from models.ranker_train import two_stage
 
