@@ -43,7 +43,9 @@ import redis
 from bentos import rules
 from bentos.catalog import ItemCatalog
 from bentos.metrics import METRICS, stage
+from pipelines.trending import GLOBAL_KEY, category_key
 from recsys import schema as S
+from recsys.schema import recs_cache_key as cache_key  # one definition: the stream deletes it
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +74,6 @@ ITEM_FEATURES = (
     "item_embedding:item_embedding",
 )
 STRATEGIES = ("als", "similar", "content", "trending")
-
-
-def cache_key(user_id: int) -> str:
-    """The cached recommendations of a user; the stream deletes it on every new event."""
-    return f"recs:{user_id}"
 
 
 def purchased_key(user_id: int) -> str:
@@ -459,7 +456,7 @@ class RecommendationEngine:
         return ids, [1.0 - r / max(len(ids), 1) for r in range(len(ids))]
 
     def _trending(self, categories: list[int], n: int, reasons: list[str]) -> list[int]:
-        keys = [f"trending:category:{c}" for c in categories[:5]] or ["trending:global"]
+        keys = [category_key(c) for c in categories[:5]] or [GLOBAL_KEY]
 
         def fetch() -> list[list[bytes]]:
             pipe = self.client.pipeline(transaction=False)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
-import pyarrow as pa
 import yaml
 
 from recsys import feature_tables as T
@@ -233,8 +232,3 @@ def push_user_realtime(store: FeatureStore, rows: pd.DataFrame, online: bool = T
         return
     mode = (PushMode.ONLINE_AND_OFFLINE if online and offline else PushMode.ONLINE if online else PushMode.OFFLINE)
     store.push(PUSH_SOURCE, realtime_frame(rows), to=mode)
-
-
-def arrow_table(rows: pd.DataFrame, table: str) -> pa.Table:
-    """Rows as an Arrow table with the offline schema of ``table`` (microsecond timestamps)."""
-    return pa.Table.from_pandas(rows[T.table_schema(table).names], schema=T.table_schema(table), preserve_index=False)

@@ -61,6 +61,7 @@ from pipelines.realtime_rules import LATE_REASON, DedupeWindow, Event, Outcome, 
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
+from recsys.schema import recs_cache_key
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -85,11 +86,6 @@ def _topic_id(settings: Settings, topic: str) -> str:
         return ""
     finally:
         admin.close()
-
-
-def recs_cache_key(user_id: int) -> str:
-    """The serving cache of a user's recommendations; every event of the user deletes it."""
-    return f"recs:{int(user_id)}"
 
 
 @dataclass(frozen=True)

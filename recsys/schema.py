@@ -126,3 +126,8 @@ NEUTRAL_PRICE = 0.0
 NEUTRAL_MARGIN = 0.0
 NEUTRAL_QUALITY = 3.0
 NEUTRAL_INVENTORY = 1_000_000
+
+
+def recs_cache_key(user_id: int) -> str:
+    """Redis key of a user's cached recommendations: written by serving, deleted by the stream."""
+    return f"recs:{int(user_id)}"
