@@ -26,7 +26,6 @@ call after that tries it again, so recovery is automatic.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -38,6 +37,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 import redis
 
 from bentos import rules
@@ -197,16 +197,16 @@ class RecommendationEngine:
     # ---- public ------------------------------------------------------------------------------
 
     def recommend(self, user_id: int, k: int = 10, context: Mapping[str, Any] | None = None,
-                  use_cache: bool = True) -> Recommendation:
+                  use_cache: bool = True, cache_checked: bool = False) -> Recommendation:
         """``use_cache=False`` neither reads nor writes ``recs:{user_id}`` (the precompute job
-        writes the cache itself, with its own TTLs)."""
+        writes the cache itself, with its own TTLs). ``cache_checked=True``: the caller already
+        looked the cache up and missed (the service does that on its event loop), so skip the read."""
         context = dict(context or {})
         onboarding = [int(c) for c in context.get("categories") or []]
-        if use_cache and not onboarding:  # onboarding categories change the answer: plain requests only
-            cached = self._cache_get(user_id)
-            if cached is not None:
-                METRICS.cache.labels(result="hit").inc()
-                return self._from_cache(user_id, cached, k)
+        if use_cache and not cache_checked and self.cache_allowed(context):
+            raw = self._cache_get(user_id)
+            if raw is not None:
+                return self.answer_from_cache(user_id, raw, k)
         METRICS.cache.labels(result="miss").inc()
         reasons: list[str] = []
         with stage("features"):
@@ -246,20 +246,29 @@ class RecommendationEngine:
         try:
             result = fn()
         except (redis.RedisError, OSError) as exc:
-            self.breaker.failed()
-            METRICS.fallbacks.labels(kind="redis").inc()
-            log.warning("redis %s failed: %s", what, exc)
+            self.redis_failed(what, exc)
             reasons.append(f"redis unavailable ({what})")
             return False, None
         self.breaker.ok()
         return True, result
 
-    def _cache_get(self, user_id: int) -> list[dict[str, Any]] | None:
-        ok, raw = self._redis(lambda: self.client.get(cache_key(user_id)), [], "cache read")
-        return json.loads(raw) if ok and raw else None
+    def redis_failed(self, what: str, exc: BaseException) -> None:
+        """Open the breaker and count the fallback (the async cache read shares this)."""
+        self.breaker.failed()
+        METRICS.fallbacks.labels(kind="redis").inc()
+        log.warning("redis %s failed: %s", what, exc)
 
-    def cache_payload(self, rec: Recommendation) -> str:
-        return json.dumps({"items": rec.top, "cold_start": rec.cold_start, "model_versions": rec.model_versions})
+    @staticmethod
+    def cache_allowed(context: Mapping[str, Any] | None) -> bool:
+        """Onboarding categories change the answer: only plain requests read the cache."""
+        return not (context or {}).get("categories")
+
+    def _cache_get(self, user_id: int) -> bytes | None:
+        ok, raw = self._redis(lambda: self.client.get(cache_key(user_id)), [], "cache read")
+        return raw if ok and raw else None
+
+    def cache_payload(self, rec: Recommendation) -> bytes:
+        return orjson.dumps({"items": rec.top, "cold_start": rec.cold_start, "model_versions": rec.model_versions})
 
     def _cache_put(self, rec: Recommendation) -> None:
         payload = self.cache_payload(rec)
@@ -270,7 +279,10 @@ class RecommendationEngine:
 
         self._pool.submit(write)  # off the response path
 
-    def _from_cache(self, user_id: int, cached: Any, k: int) -> Recommendation:
+    def answer_from_cache(self, user_id: int, raw: bytes, k: int) -> Recommendation:
+        """A cache hit: the stored top list (JSON) sliced to k."""
+        METRICS.cache.labels(result="hit").inc()
+        cached = orjson.loads(raw)
         body = cached if isinstance(cached, dict) else {"items": cached}
         return Recommendation(user_id, body["items"][:k], bool(body.get("cold_start")), False, True,
                               dict(body.get("model_versions") or self.model_versions))
@@ -305,13 +317,11 @@ class RecommendationEngine:
                                              meta["image_url"])]
 
     def _facts_from_catalog(self, item_ids: Sequence[int], trending: set[int]) -> rules.ItemFacts:
-        f = self.catalog.facts(item_ids)
+        f = self.catalog.rule_values(item_ids)
         return rules.ItemFacts(
             item_ids=np.asarray(item_ids, dtype=np.int64),
-            category=f[S.COL_CATEGORY].fillna(-1).to_numpy(dtype=np.int64),
-            inventory=f["inventory"].to_numpy(dtype=np.float64, na_value=np.nan),
-            margin=f["margin"].to_numpy(dtype=np.float64, na_value=np.nan),
-            quality=f["quality_score"].to_numpy(dtype=np.float64, na_value=np.nan),
+            category=np.nan_to_num(f[S.COL_CATEGORY], nan=-1).astype(np.int64),
+            inventory=f["inventory"], margin=f["margin"], quality=f["quality_score"],
             trending=np.array([i in trending for i in item_ids], dtype=bool),
         )
 
@@ -328,9 +338,8 @@ class RecommendationEngine:
         category, ordered by the overall rank of its most popular item."""
         if categories:
             cats = [int(c) for c in categories]
-        else:
-            rank = {int(i): r for r, i in enumerate(self.catalog.popular)}
-            cats = sorted(self.catalog.by_category, key=lambda c: rank.get(int(self.catalog.by_category[c][0]), 10**12))
+        else:  # by_category is built in that order (groups in order of first appearance)
+            cats = list(self.catalog.by_category)
         return _take_turns([self.catalog.by_category.get(c, np.empty(0, np.int64)) for c in cats], n, seen)
 
     def _cold_start(self, user_id: int, user: Mapping[str, Any], k: int, onboarding: list[int],

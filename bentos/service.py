@@ -10,16 +10,20 @@ The FAISS index and the ranker are BentoML models pinned as class attributes, so
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 import threading
 from datetime import datetime, timezone
 from typing import Annotated, Any, Optional
 
+import anyio
 import bentoml
 from annotated_types import Ge, Le
 
 from bentos.auth import ApiKeyMiddleware
+from bentos.cache import AsyncCacheReader
 from bentos.schemas import (
     Context,
     EventAccepted,
@@ -62,11 +66,16 @@ class Recommender:
         index_dir = self._model_dir(self.index_model, INDEX_MODEL, "index", versions)
         ranker_dir = self._model_dir(self.ranker_model, RANKER_MODEL, "ranker", versions)
         self.engine = build_engine(self.settings, index_dir, ranker_dir, model_versions=versions)
+        self.cache = AsyncCacheReader(self.engine, self.settings.effective_redis_url)
         self.new_items_path = new_items_log(self.settings)
         self._producer: Any = None
         self._producer_lock = threading.Lock()
         self._listener = threading.Thread(target=self._listen_for_new_items, daemon=True, name="new-items")
         self._listener.start()
+        # The catalogue, index maps and models are long-lived: move them out of the collector's
+        # view so a full collection during a request does not walk them (tail latency).
+        gc.collect()
+        gc.freeze()
 
     @staticmethod
     def _model_dir(ref: Any, name: str, label: str, versions: dict[str, str]) -> Any:
@@ -88,14 +97,18 @@ class Recommender:
     # ---- read endpoints ----------------------------------------------------------------------
 
     @bentoml.api(route="/recommend")
-    def recommend(
+    async def recommend(
         self,
         user_id: Annotated[int, Ge(0)],
         k: Annotated[int, Ge(1), Le(100)] = 10,
         context: Optional[Context] = None,
     ) -> RecommendResponse:
         """Top-k items for a user now; an unknown user is a cold-start user."""
-        rec = self.engine.recommend(user_id, k, context.model_dump(exclude_none=True) if context else None)
+        ctx = context.model_dump(exclude_none=True) if context else None
+        rec = await self.cache.lookup(user_id, k, ctx)  # a hit never leaves the event loop
+        if rec is None:  # the miss path is CPU work (FAISS, the ranker): a worker thread
+            rec = await anyio.to_thread.run_sync(
+                functools.partial(self.engine.recommend, user_id, k, ctx, cache_checked=True))
         return RecommendResponse(**rec.to_dict())
 
     @bentoml.api(route="/similar_items")

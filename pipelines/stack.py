@@ -62,6 +62,7 @@ class _Service:
     healthy: Callable[[], bool]
     after_start: Callable[[], None] | None = None
     start_timeout_s: float = 30.0
+    env: Callable[[], dict[str, str]] | None = None  # added to this process's environment
 
 
 # ---- binaries ---------------------------------------------------------------------------------
@@ -262,10 +263,8 @@ class LocalStack:
                 port=s.service_port,
                 endpoint=f"http://127.0.0.1:{s.service_port}",
                 is_local=True,
-                command=lambda: [
-                    sys.executable, "-m", "bentoml", "serve", "bentos.service:Recommender",
-                    "--host", "127.0.0.1", "--port", str(s.service_port), "--working-dir", str(s.home),
-                ],
+                command=lambda: service_command(s),
+                env=lambda: service_env(s),
                 healthy=lambda: http_healthy(f"http://127.0.0.1:{s.service_port}/readyz"),
                 start_timeout_s=240.0,  # loads the catalogue, the index and TensorFlow
             ),
@@ -336,6 +335,7 @@ class LocalStack:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.run_dir / svc.name,
+                env={**os.environ, **svc.env()} if svc.env else None,
                 start_new_session=True,  # own process group: `down` kills workers too
             )
         self.pid_file(svc.name).write_text(f"{proc.pid}\n")
@@ -422,6 +422,19 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
+def service_command(settings: Settings, port: int | None = None) -> list[str]:
+    """``bentoml serve`` of the recommendation service, on loopback."""
+    return [sys.executable, "-m", "bentoml", "serve", "bentos.service:Recommender", "--host", "127.0.0.1",
+            "--port", str(port or settings.service_port), "--working-dir", str(settings.home)]
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """BentoML reads per-service overrides from BENTOML_CONFIG_OPTIONS (space-separated)."""
+    workers = f"services.recsys.workers={settings.service_workers}"
+    existing = os.environ.get("BENTOML_CONFIG_OPTIONS", "").strip()
+    return {"BENTOML_CONFIG_OPTIONS": f"{existing} {workers}".strip()}
 
 
 def free_port() -> int:

@@ -15,10 +15,11 @@ def serve(
     port: Annotated[int, typer.Option(help="Port (default: RECSYS_SERVICE_PORT, 3000).")] = 0,
 ) -> None:
     """Run the BentoML service in the foreground (`bentoml serve bentos.service:Recommender`)."""
+    from pipelines.stack import service_command, service_env
+
     settings = settings_of(ctx)
-    args = [sys.executable, "-m", "bentoml", "serve", "bentos.service:Recommender", "--host", "127.0.0.1",
-            "--port", str(port or settings.service_port), "--working-dir", str(settings.home)]
-    os.execv(sys.executable, args)  # replace this process: signals reach bentoml directly
+    # replace this process: signals reach bentoml directly
+    os.execve(sys.executable, service_command(settings, port or None), {**os.environ, **service_env(settings)})
 
 
 def precompute_cmd(

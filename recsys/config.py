@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     kafka_port: int = Field(DEFAULT_KAFKA_PORT, ge=1, le=65535)
     mlflow_port: int = Field(DEFAULT_MLFLOW_PORT, ge=1, le=65535)
     service_port: int = Field(DEFAULT_SERVICE_PORT, ge=1, le=65535)
+    # BentoML worker processes of the service; each loads the catalogue, the index and the ranker
+    service_workers: int = Field(1, ge=1, le=64)
 
     # Kafka topics.
     events_topic: str = "clickstream.events"

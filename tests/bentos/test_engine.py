@@ -207,3 +207,58 @@ def test_new_item_gets_an_exploration_slot(feature_ws: Settings, index_dir: Path
         assert slots == [9] and rec.items[9]["item_id"] == 80_001  # the last visible slot
     finally:
         engine.close()
+
+
+# ---- the service's cache-hit path on the event loop (bentos.cache) --------------------------------
+
+
+def test_async_cache_lookup_hit_miss_and_onboarding(engine: RecommendationEngine, feature_ws: Settings) -> None:
+    import asyncio
+
+    from bentos.cache import AsyncCacheReader
+
+    user = 424245
+    engine.client.delete(cache_key(user))
+    full = engine.recommend(user, k=5, use_cache=False)
+    engine.client.set(cache_key(user), engine.cache_payload(full))
+
+    async def scenario() -> tuple[object, object, object]:
+        reader = AsyncCacheReader(engine, feature_ws.effective_redis_url)
+        try:
+            hit = await reader.lookup(user, 3, None)
+            onboarding = await reader.lookup(user, 3, {"categories": [2]})  # never from the cache
+            miss = await reader.lookup(user + 1_000_000, 3, None)
+        finally:
+            await reader.aclose()
+        return hit, onboarding, miss
+
+    hit, onboarding, miss = asyncio.run(scenario())
+    assert hit is not None and hit.cached and [i["item_id"] for i in hit.items] == [i["item_id"] for i in full.items][:3]
+    assert onboarding is None and miss is None
+    # what the service does after a miss: the engine computes without reading the cache again
+    after = engine.recommend(user, k=3, cache_checked=True)
+    assert not after.cached and [i["item_id"] for i in after.items] == [i["item_id"] for i in full.items][:3]
+
+
+def test_async_cache_lookup_with_redis_down_opens_the_shared_breaker(engine: RecommendationEngine,
+                                                                     tmp_path: Path) -> None:
+    import asyncio
+
+    from bentos.cache import AsyncCacheReader
+    from pipelines.stack import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    engine.breaker.ok()
+
+    async def lookup() -> object:
+        reader = AsyncCacheReader(engine, dead)
+        try:
+            return await reader.lookup(1, 3, None)
+        finally:
+            await reader.aclose()
+
+    assert asyncio.run(lookup()) is None
+    assert engine.breaker.open  # the miss path now skips Redis and answers degraded from memory
+    down = engine.recommend(1, k=3, cache_checked=True)
+    assert down.degraded and {i["strategy"] for i in down.items} == {"popular"}
+    engine.breaker.ok()

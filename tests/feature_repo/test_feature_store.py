@@ -128,6 +128,24 @@ def test_fast_reader_equals_get_online_features(feature_ws: Settings) -> None:
     assert matrix[1].tolist() == pytest.approx(vector(2, 0.1))
 
 
+def test_fast_reader_recovers_from_a_server_error_mid_batch(feature_ws: Settings) -> None:
+    import redis
+
+    store = fs.get_store(feature_ws)
+    reader = OnlineFeatureReader(feature_ws, _ranker_refs(store, "user"), _ranker_refs(store, "item"), store=store)
+    expected = reader.read(3, [1, 2, 3])
+    bad_key = reader.item.key(777_777)
+    reader.client.set(bad_key, b"not a hash")  # HMGET on a string: WRONGTYPE for that one command
+    try:
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            reader.read(3, [1, 777_777, 2])
+    finally:
+        reader.client.delete(bad_key)
+    # the connection with unread replies was dropped, not reused: the next read is clean
+    assert reader.read(3, [1, 2, 3]) == expected
+    assert reader.read(None, []).items == {k: [] for k in expected.items}
+
+
 def _realtime(user: int, ts: datetime, count: int) -> pd.DataFrame:
     return pd.DataFrame({
         S.COL_USER: [user], S.COL_TS: [ts], "last_5_items": [[1, 2, 3]], "last_action_ts": [ts],

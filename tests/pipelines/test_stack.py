@@ -13,7 +13,15 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient
 
-from pipelines.stack import LocalStack, StackError, free_port, redis_healthy, redis_server_binary
+from pipelines.stack import (
+    LocalStack,
+    StackError,
+    free_port,
+    redis_healthy,
+    redis_server_binary,
+    service_command,
+    service_env,
+)
 from recsys.config import Settings
 from tests.conftest import isolated_settings
 
@@ -157,3 +165,14 @@ def test_external_endpoint_is_not_started(tmp_path: Path) -> None:
 def test_unknown_service_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(StackError, match=r"unknown service\(s\) \['postgres'\]"):
         LocalStack(isolated_settings(tmp_path)).up(["postgres"])
+
+
+def test_service_workers_reach_bentoml_through_its_override_variable(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = isolated_settings(tmp_path, service_workers=2, service_port=3999)
+    monkeypatch.delenv("BENTOML_CONFIG_OPTIONS", raising=False)
+    assert service_env(settings) == {"BENTOML_CONFIG_OPTIONS": "services.recsys.workers=2"}
+    monkeypatch.setenv("BENTOML_CONFIG_OPTIONS", "services.recsys.traffic.timeout=5")  # the user's own kept
+    assert service_env(settings)["BENTOML_CONFIG_OPTIONS"] == "services.recsys.traffic.timeout=5 services.recsys.workers=2"
+    command = service_command(settings)
+    assert command[-6:] == ["--host", "127.0.0.1", "--port", "3999", "--working-dir", str(settings.home)]
