@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -126,9 +127,14 @@ def _parse(raw: bytes | None) -> dict[str, Any] | str:
     if not raw:
         return "empty message"
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # bad bytes, bad JSON, absurd nesting: never stop the stream
-        return f"malformed JSON: {exc}"
+        body = orjson.loads(raw)  # strict RFC 8259, several times faster than json.loads
+    except orjson.JSONDecodeError:
+        # what orjson refuses but Python's json reads (NaN, Infinity, integers beyond 64 bits,
+        # lone surrogates) keeps the verdict it always had, and the rest their json reason
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # bad bytes, bad JSON, absurd nesting: never stop the stream
+            return f"malformed JSON: {exc}"
     if not isinstance(body, dict):
         return f"malformed event: a JSON {type(body).__name__}, not an object"
     version = body.get("schema_version")

@@ -29,12 +29,14 @@ Delivery rules, kept in the state so a restart sees them:
 
 from __future__ import annotations
 
-import json
+import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any
+
+import orjson
 
 from recsys import schema as S
 
@@ -125,17 +127,20 @@ class UserState:
         return Outcome.APPLIED
 
     def _touch_item(self, item: int, ts: int, eid: str) -> None:
+        # entries are compared by (ts, event_id), spelled out: this runs for most events
         items = self.items
-        key = (ts, eid)
-        for i, (known, kts, keid) in enumerate(items):
-            if known == item:
-                if (kts, keid) >= key:
+        for i, entry in enumerate(items):
+            if entry[0] == item:
+                kts = entry[1]
+                if kts > ts or (kts == ts and entry[2] >= eid):
                     return  # a later event already put this item where it belongs
                 del items[i]
                 break
-        if not items or key > (items[-1][1], items[-1][2]):
+        last = items[-1] if items else None
+        if last is None or ts > last[1] or (ts == last[1] and eid > last[2]):
             items.append([item, ts, eid])  # the usual, in-order case
         else:
+            key = (ts, eid)
             pos = len(items)
             while pos > 0 and (items[pos - 1][1], items[pos - 1][2]) > key:
                 pos -= 1
@@ -156,13 +161,13 @@ class UserState:
         """Forget ids outside the dedupe window (called once per batch, not per event)."""
         floor = max(self.floor_us, self.last_us - window.window_us)
         seen = self.seen
-        if len(seen) > window.max_ids or any(ts < floor for ts in seen.values()):
-            kept = sorted((ts, eid) for eid, ts in seen.items() if ts >= floor)
-            if len(kept) > window.max_ids:
-                dropped = kept[: len(kept) - window.max_ids]
-                kept = kept[len(dropped):]
-                floor = max(floor, dropped[-1][0])
-            self.seen = {eid: ts for ts, eid in kept}
+        if seen and min(seen.values()) < floor:
+            seen = self.seen = {eid: ts for eid, ts in seen.items() if ts >= floor}
+        if len(seen) > window.max_ids:  # forget the oldest, by (ts, event_id)
+            dropped = heapq.nsmallest(len(seen) - window.max_ids, ((ts, eid) for eid, ts in seen.items()))
+            for _, eid in dropped:
+                del seen[eid]
+            floor = max(floor, dropped[-1][0])
         self.floor_us = floor
 
     # ---- features -------------------------------------------------------------------------
@@ -193,17 +198,17 @@ class UserState:
     # ---- persistence (compact JSON; the stream keeps it in Redis) -------------------------
 
     def dumps(self) -> bytes:
-        return json.dumps(
+        return orjson.dumps(
             {"n": self.count, "p": self.purchases, "t": self.last_us, "f": self.floor_us, "i": self.items,
              "c": self.cats, "s": self.seen},
-            separators=(",", ":"),
-        ).encode()
+            option=orjson.OPT_NON_STR_KEYS,  # category ids are JSON object keys, so strings on the wire
+        )
 
     @classmethod
     def loads(cls, raw: bytes | str | None) -> UserState:
         if not raw:
             return cls()
-        d = json.loads(raw)
+        d = orjson.loads(raw)
         return cls(count=d["n"], purchases=d["p"], last_us=d["t"], floor_us=d["f"], items=d["i"],
                    cats={int(k): v for k, v in d["c"].items()}, seen=d["s"])
 

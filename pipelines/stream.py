@@ -8,10 +8,11 @@ One micro-batch (up to ``batch_events`` events or ``batch_ms`` of waiting):
 2. load the users' fold states from Redis (one MGET) and fold the events with the one
    implementation of the rules (:mod:`pipelines.realtime_rules`), skipping event ids already in the
    state's dedupe window; events older than the window go to the dead-letter topic as late;
-3. write the users' new rows online with the Feast store's own online writer
-   (``get_store(skip_dedup=True)``; :class:`OnlineRowWriter` says why not ``FeatureStore.push``);
-4. in one Redis transaction: the new states, the batch's rows appended to the partition's
-   *outbox*, ``recs:{user_id}`` deleted for every user with an event, and the trending counts.
+3. in one Redis transaction (one round trip): the users' new rows in the online store, written
+   as Feast's Redis store writes them (:class:`OnlineRowWriter` says how, and why not
+   ``FeatureStore.push``), the new states, the batch's rows appended to the partition's *outbox*,
+   the partition's applied-offset watermark, ``recs:{user_id}`` deleted for every user with an
+   event, and the trending counts.
 
 In the background, every ``offline_flush_s`` or ``offline_batch_rows``, the outboxes are appended
 to the offline store through the same push source (a Spark job, so in large batches) and trimmed;
@@ -24,9 +25,11 @@ inputs such as category counts, and the ids of recent events) is one Redis value
 consumer restarts from the last committed offsets: the outbox entries still waiting are appended
 offline first, and the redelivered events are skipped by the per-partition applied-offset
 watermark stored in the same transaction (event ids catch replays of the same events at new
-offsets). A crash between the
-online push (3) and the transaction (4) redelivers events that the state has not seen: they are
-folded again into the same rows and pushed again. The offline append is at least once: a crash
+offsets). The online rows change in that same transaction, so the online store never shows a
+row that the state has not recorded, nor the other way round. (Where Feast is configured for a
+Redis cluster or sentinel, Feast writes the rows itself just before the transaction; a crash in
+between redelivers events that the state has not seen: they are folded again into the same rows
+and written again.) The offline append is at least once: a crash
 between the append and the outbox trim appends identical rows (same event_timestamp and created)
 a second time, which point-in-time joins read as one.
 
@@ -36,7 +39,7 @@ user); a message whose key is not its user_id would break that, so it is dead-le
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import math
 import signal
@@ -51,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow.parquet as pq
 import redis
@@ -107,6 +111,10 @@ class StreamOptions:
     #: Keep every event's freshness (ms) in the stats, for the benchmark.
     record_freshness: bool = False
     session_timeout_ms: int = 6_000
+    #: Fold states kept in memory between micro-batches (the most recently used; 0 = none). The
+    #: consumer is the only writer of its partitions' states, so they stay what Redis holds; the
+    #: cache is dropped on every rebalance and a state goes back in only after its transaction.
+    state_cache_users: int = 50_000
     heartbeat_interval_ms: int = 1_000
 
     @classmethod
@@ -199,19 +207,94 @@ def rows_frame(rows: Sequence[Row]) -> pd.DataFrame:
 
 
 class OnlineRowWriter:
-    """Writes user_realtime rows online through the store's own online writer (Feast's Redis
-    ``online_write_batch``; with ``get_store(skip_dedup=True)`` one round trip and no dropped
-    same-instant write), building the value protos directly. ``FeatureStore.push`` converts a
-    DataFrame through Arrow and re-reads the registry on every call: at micro-batch sizes that was
-    half of the consumer's time. The protos are what ``push`` builds for these types (the tests read
-    them back with ``get_online_features``)."""
+    """Writes user_realtime rows into the online store exactly as Feast's Redis store does, on the
+    stream's own Redis transaction.
+
+    Feast's Redis layout for a row (``RedisOnlineStore.online_write_batch``): one hash per entity key
+    (Feast's ``_redis_key``), fields ``mmh3("{view}:{feature}")`` -> the ``Value`` proto and
+    ``_ts:{view}`` -> the event time as a ``Timestamp`` proto, then ``EXPIRE`` when the store has a
+    key TTL. :meth:`queue` puts those commands on the consumer's state transaction, so the online
+    rows, the fold states, the outbox and the applied offsets change together, in one round trip.
+    The key and field names come from Feast's own helpers (checked against ``_redis_key`` for a few
+    ids at start); only the values are built here, as the protos ``push`` builds for these types (the
+    tests read them back with ``get_online_features``). ``FeatureStore.push`` converts a DataFrame
+    through Arrow and re-reads the registry on every call, and Feast's writer builds its keys and
+    protos through slower generic paths: at micro-batch sizes those were most of the consumer's time.
+
+    Where the online store is not a plain Redis (a cluster or sentinel), :meth:`write` falls back to
+    Feast's own ``online_write_batch`` (``get_store(skip_dedup=True)``: one round trip, no dropped
+    same-instant write) before the state transaction.
+    """
 
     def __init__(self, store: FeatureStore) -> None:
+        import struct
+
+        from feast.infra.online_stores.helpers import _mmh3, _redis_key
+        from feast.infra.online_stores.redis import _versioned_fv_name
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        from pipelines.realtime_rules import FEATURES
+
         self.store = store
         self.view = store.get_feature_view(T.USER_REALTIME)
-        self.provider = store._get_provider()  # noqa: SLF001 - the store's own online writer
+        self.provider = store._get_provider()  # noqa: SLF001 - the store's own online writer (fallback)
+        config = store.config
+        online = config.online_store
+        # the stream's Redis is the online store's (both come from REDIS_URL), unless Feast is told
+        # to use a cluster or sentinel: then Feast writes, in its own round trip
+        self.in_transaction = online.type == "redis" and online.redis_type == "redis"
+        self.ttl_s = getattr(online, "key_ttl_seconds", None)
+        name = _versioned_fv_name(self.view, config)
+        self.ts_field = f"_ts:{name}".encode()
+        self.fields = [_mmh3(f"{name}:{feature}") for feature in FEATURES]
+
+        def feast_key(user: int) -> bytes:
+            key = EntityKey(join_keys=[S.COL_USER], entity_values=[Value(int64_val=user)])
+            version = config.entity_key_serialization_version
+            return _redis_key(config.project, key, entity_key_serialization_version=version)
+
+        # Feast's key for an int64 entity: a header, the id as 8 little-endian bytes, the project
+        probe = feast_key(0)
+        tail = config.project.encode()
+        head = probe[: len(probe) - len(tail) - 8]
+        pack = struct.Struct("<q").pack
+        if all(feast_key(u) == head + pack(u) + tail for u in (0, 1, 42, 2**40 + 7, -3)):
+            self.key: Callable[[int], bytes] = lambda user: head + pack(user) + tail
+        else:  # another key encoding: ask Feast every time
+            self.key = feast_key
+
+    def mappings(self, rows: Sequence[Row]) -> list[tuple[bytes, list[bytes]]]:
+        """Each row's Redis key and its hash fields and values (flat), as Feast's Redis store writes them."""
+        from feast.protos.feast.types.Value_pb2 import Int64List, Value
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        f_items, f_last, f_count, f_purchases, f_cats = self.fields
+        ts_field, key = self.ts_field, self.key
+        out = []
+        for user, last_us, items, count, purchases, cats, _ in rows:
+            seconds, micros = divmod(last_us, 1_000_000)
+            out.append((key(user), [
+                ts_field, Timestamp(seconds=seconds, nanos=micros * 1000).SerializeToString(),
+                f_items, Value(int64_list_val=Int64List(val=items)).SerializeToString(),
+                f_last, Value(unix_timestamp_val=seconds).SerializeToString(),  # Feast keeps whole seconds
+                f_count, Value(int64_val=count).SerializeToString(),
+                f_purchases, Value(int64_val=purchases).SerializeToString(),
+                f_cats, Value(int64_list_val=Int64List(val=cats)).SerializeToString(),
+            ]))
+        return out
+
+    def queue(self, pipe: redis.client.Pipeline, mappings: list[tuple[bytes, list[bytes]]]) -> None:
+        """Queue the rows' online writes (from :meth:`mappings`) on ``pipe``, the state transaction."""
+        ttl = self.ttl_s
+        queue = pipe.execute_command
+        for key, fields in mappings:
+            queue("HSET", key, *fields)
+            if ttl:
+                queue("EXPIRE", key, ttl)
 
     def write(self, rows: Sequence[Row]) -> None:
+        """Write the rows with Feast's own online writer (its own round trip)."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Int64List, Value
 
@@ -264,7 +347,7 @@ class StateStore:
         return self.load([user_id])[0]
 
     def queue_outbox(self, pipe: redis.client.Pipeline, partition: int, last_offset: int, rows: list[Row]) -> None:
-        pipe.rpush(self.outbox_key(partition), json.dumps([last_offset, rows], separators=(",", ":")))
+        pipe.rpush(self.outbox_key(partition), orjson.dumps([last_offset, rows]))
 
     def read_outbox(self, partition: int) -> tuple[int, int | None, list[Row]]:
         """(entries, the last offset they cover, their rows)."""
@@ -272,7 +355,7 @@ class StateStore:
         rows: list[Row] = []
         last: int | None = None
         for raw in entries:
-            offset, batch_rows = json.loads(raw)
+            offset, batch_rows = orjson.loads(raw)
             last = offset if last is None else max(last, offset)
             rows.extend(tuple(r) for r in batch_rows)  # type: ignore[misc]
         return len(entries), last, rows
@@ -325,6 +408,27 @@ class StreamMetrics:
         server, _ = start_http_server(port, registry=self.registry)
         log.info("metrics on http://0.0.0.0:%d/metrics", port)
         return server
+
+
+def observe_many(histogram: Any, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, a batch at a time: the bucket counts come from
+    numpy (prometheus_client's own per-value loop cost more than the rest of the bookkeeping)."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values.tolist():  # another prometheus_client: the public way
+            histogram.observe(value)
+        return
+    if not len(values):
+        return
+    # observe() counts a value in the first bucket whose upper bound is >= the value
+    per_bucket = np.bincount(np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="left"),
+                             minlength=len(bounds))
+    for i, n in enumerate(per_bucket.tolist()):
+        if n:
+            buckets[i].inc(n)
+    total.inc(float(values.sum()))
 
 
 def reason_label(reason: str) -> str:
@@ -404,6 +508,7 @@ class StreamProcessor:
         self._last_lag = 0.0
         self._last_report = (time.monotonic(), 0)
         self._offline_store: FeatureStore | None = None
+        self._states: dict[int, UserState] = {}  # the state cache, least recently used first
         self.consumer: Any = None
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -423,6 +528,7 @@ class StreamProcessor:
         from pipelines.stack import ensure_topics
 
         s = self.settings
+        self._states.clear()
         check_online_store(s)
         ensure_topics(s)
         self.catalogue = ItemCatalogue(s.dataset_path)
@@ -523,7 +629,7 @@ class StreamProcessor:
             groups.setdefault(user, []).append(j)
 
         uids = list(groups)
-        states = dict(zip(uids, self.state.load(uids)))
+        states = self._load_states(uids)
         changed, counts, late = self._fold(decoded, groups, states)
         dead.extend((records[index[j]], LATE_REASON) for j in late)
 
@@ -537,11 +643,50 @@ class StreamProcessor:
         for record, reason in dead:
             self.dlq.send(record, reason)
             self.metrics.dead_letters.labels(reason_label(reason)).inc()
-        if rows:
+        online = self.online.mappings(rows) if rows and self.online.in_transaction else None
+        if rows and online is None:
             self._timed("online", lambda: self._push_online(rows))
-        self._retry("state transaction", lambda: self._commit_state(batch, changed, rows_by_partition, uids, counts))
+
+        def commit() -> None:
+            self._retry("state transaction",
+                        lambda: self._commit_state(batch, changed, rows_by_partition, uids, counts, online))
+
+        if online:
+            self._timed("online", commit)  # the online write is part of the transaction
+        else:
+            commit()
+        self._remember(states)
         self._account(records, len(dead), len(rows), time.time())
         self.stats.last_batch_at = time.monotonic()
+
+    def _load_states(self, users: list[int]) -> dict[int, UserState]:
+        """The users' fold states: from the cache, else from Redis (one MGET). Cached states leave
+        the cache here and come back in :meth:`_remember` once their transaction is done, so a
+        failed batch never leaves a state in memory that Redis does not hold."""
+        cache = self._states
+        states: dict[int, UserState] = {}
+        missing: list[int] = []
+        for user in users:
+            state = cache.pop(user, None)
+            if state is None:
+                missing.append(user)
+            else:
+                states[user] = state
+        if missing:
+            states.update(zip(missing, self.state.load(missing)))
+        return states
+
+    def _remember(self, states: dict[int, UserState]) -> None:
+        """Keep the states of a committed batch in the cache (as the most recently used)."""
+        limit = self.options.state_cache_users
+        if limit <= 0:
+            return
+        cache = self._states
+        cache.update(states)
+        excess = len(cache) - limit
+        if excess > 0:
+            for user in list(itertools.islice(cache, excess)):
+                del cache[user]
 
     def _skip_applied(self, batch: dict[Any, list[ConsumerRecord]]) -> dict[Any, list[ConsumerRecord]]:
         """Drop redelivered messages whose offsets the states already hold.
@@ -592,9 +737,15 @@ class StreamProcessor:
                         watermark = event.ts_us
                     if event.event_type in _TRENDING:
                         minute = trending.minute_of(event.ts_us)
-                        counts.setdefault((minute, None), Counter())[event.item_id] += 1
+                        bucket = counts.get((minute, None))
+                        if bucket is None:
+                            bucket = counts[(minute, None)] = Counter()
+                        bucket[event.item_id] += 1
                         if event.category is not None:
-                            counts.setdefault((minute, event.category), Counter())[event.item_id] += 1
+                            bucket = counts.get((minute, event.category))
+                            if bucket is None:
+                                bucket = counts[(minute, event.category)] = Counter()
+                            bucket[event.item_id] += 1
                 elif outcome is Outcome.LATE:
                     late.append(j)
                 else:
@@ -619,10 +770,16 @@ class StreamProcessor:
 
     def _commit_state(self, batch: dict[Any, list[ConsumerRecord]], changed: dict[int, UserState],
                       rows_by_partition: dict[int, list[Row]], users: list[int],
-                      counts: dict[tuple[int, int | None], Counter[int]]) -> None:
+                      counts: dict[tuple[int, int | None], Counter[int]],
+                      online: list[tuple[bytes, list[bytes]]] | None = None) -> None:
         pipe = self.redis.pipeline(transaction=True)
+        if online:
+            self.online.queue(pipe, online)
+        # plain commands: redis-py's SET/HSET wrappers check their arguments on every call
+        queue = pipe.execute_command
+        state_key = self.state.state_key
         for user, state in changed.items():
-            pipe.set(self.state.state_key(user), state.dumps())
+            queue("SET", state_key(user), state.dumps())
         for tp, recs in batch.items():
             self.state.queue_outbox(pipe, tp.partition, recs[-1].offset, rows_by_partition[tp.partition])
         pipe.hset(self.state.applied_key(), mapping={tp.partition: recs[-1].offset for tp, recs in batch.items()})
@@ -645,9 +802,7 @@ class StreamProcessor:
         fresh_ms = visible_at * 1000.0 - created
         if self.options.record_freshness:
             st.freshness_ms.append(fresh_ms)
-        observe = self.metrics.freshness.observe
-        for value in (fresh_ms / 1000.0).tolist():
-            observe(value)
+        observe_many(self.metrics.freshness, fresh_ms / 1000.0)
         self.metrics.events.labels("dead_letter").inc(n_dead)
 
     # ---- housekeeping: offline flush, commit, trending, lag -----------------------------------
@@ -732,12 +887,15 @@ class StreamProcessor:
         """Before giving partitions away: append their outboxes and commit, so the next owner starts
         exactly where this one stopped."""
         self._finish_flush()
+        self._states.clear()
         revoked = sorted(tp.partition for tp in partitions)
         if revoked:
             self._commit(self._flush_offline(revoked))
 
     def on_assigned(self, partitions: Iterable[Any]) -> None:
-        """A previous owner may have left outbox entries (it crashed): append them soon."""
+        """A previous owner may have left outbox entries (it crashed): append them soon. Another
+        consumer may have written states of these partitions meanwhile: forget the cached ones."""
+        self._states.clear()
         if self.state.outbox_size(tp.partition for tp in partitions):
             self._flush_due = True
             self._pending_rows = self.options.offline_batch_rows

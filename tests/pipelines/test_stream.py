@@ -35,7 +35,7 @@ from pipelines.canonical import CanonicalWriter
 from pipelines.events import EventProducer, event_to_message
 from pipelines.realtime_rules import FEATURES, Event, UserState, fold_events, to_us
 from pipelines.stack import ensure_topics, free_port
-from pipelines.stream import StateStore, StreamOptions, StreamProcessor, recs_cache_key
+from pipelines.stream import OnlineRowWriter, StateStore, StreamOptions, StreamProcessor, recs_cache_key, state_row
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
@@ -412,3 +412,18 @@ def test_state_survives_in_redis_between_runs(streamed: tuple[Settings, Any]) ->
     assert state.count == 7 and sorted(state.seen) == [f"h{i}" for i in range(7)]
     assert state.cats == {1: [2, to_us(END - timedelta(seconds=1740)), "h6"],
                           2: [1, to_us(END - timedelta(seconds=1770)), "h3"]}
+
+
+def test_online_rows_are_written_as_feasts_own_writer_writes_them(streamed: tuple[Settings, Any]) -> None:
+    settings, _ = streamed
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    writer = OnlineRowWriter(fs.get_store(settings, skip_dedup=True))
+    assert writer.in_transaction  # a plain Redis: the rows go in the state transaction
+    store = StateStore(client, settings.feast_project, settings.events_topic)
+    for user in (*STREAM_USERS, HAND_USER):  # event times in milliseconds, and in whole seconds
+        key = writer.key(user)
+        by_stream = client.hgetall(key)
+        assert by_stream  # the stream wrote the user's row under Feast's key
+        client.delete(key)
+        writer.write([state_row(user, store.load_one(user), 0)])  # Feast's own online_write_batch
+        assert client.hgetall(key) == by_stream
