@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import time
 from typing import Any
@@ -34,9 +35,20 @@ from recsys.logs import configure_logging
 
 log = logging.getLogger("benchmarks.serving")
 
-PHASE_REQUESTS = {1: 300, 8: 1200, 32: 1600}
+PHASE_REQUESTS = {1: 1000, 8: 1200, 32: 1600}  # c1 needs many samples for a p99 that means something
 PHASE_MAX_S = 60.0
 _STAGE = re.compile(r'^recsys_stage_seconds_(sum|count)\{stage="([a-z_]+)"\} ([0-9.e+-]+)$')
+
+
+async def _floor(base: str, n: int = 1000) -> list[float]:
+    """GET /healthz with one client: this machine's HTTP floor (no handler work), for reference."""
+    latencies = []
+    async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
+        for _ in range(n):
+            t = time.perf_counter()
+            await client.get("/healthz")
+            latencies.append((time.perf_counter() - t) * 1000)
+    return latencies
 
 
 async def _phase(base: str, users: list[int], concurrency: int) -> tuple[list[float], float, int]:
@@ -102,6 +114,9 @@ def run(settings: Settings) -> dict[str, Any]:
     numbers: dict[str, Any] = {}
     offset = 0
     asyncio.run(_phase(base, pool[:20], 1))  # warm-up: connections, lazy imports, FAISS pages
+    floor = asyncio.run(_floor(base))
+    numbers["healthz_p50_ms_c1"], numbers["healthz_p99_ms_c1"] = (float(np.percentile(floor, q)) for q in (50, 99))
+    numbers["service_workers"] = settings.service_workers
     for concurrency, n in PHASE_REQUESTS.items():
         users = pool[offset: offset + n]
         offset += n
@@ -121,6 +136,7 @@ def run(settings: Settings) -> dict[str, Any]:
         })
         if concurrency == 1:
             numbers.update(_stage_means(before, after))
+        numbers["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
         log.info("c=%d: miss p50 %.1f p99 %.1f ms %.0f rps | hit p50 %.1f p99 %.1f ms %.0f rps", concurrency,
                  numbers[f"miss_p50_ms_{tag}"], numbers[f"miss_p99_ms_{tag}"], miss_rps,
                  numbers[f"hit_p50_ms_{tag}"], numbers[f"hit_p99_ms_{tag}"], hit_rps)
@@ -134,7 +150,8 @@ def main() -> None:
     rows = [(k, f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in numbers.items()]
     path = write_results("serving", {k: round(v, 3) if isinstance(v, float) else v for k, v in numbers.items()},
                          rows, notes="Closed loop on loopback; the generator shares the machine with the service. "
-                                     "stage_mean_ms_* are the service's own per-stage means over the c1 miss phase.")
+                                     "stage_mean_ms_* are the service's own per-stage means over the c1 miss phase; "
+                                     "healthz_* is GET /healthz with one client, this machine's HTTP floor.")
     log.info("wrote %s", path)
 
 

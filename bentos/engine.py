@@ -205,8 +205,9 @@ class RecommendationEngine:
         onboarding = [int(c) for c in context.get("categories") or []]
         if use_cache and not cache_checked and self.cache_allowed(context):
             raw = self._cache_get(user_id)
-            if raw is not None:
-                return self.answer_from_cache(user_id, raw, k)
+            hit = self.answer_from_cache(user_id, raw, k) if raw is not None else None
+            if hit is not None:
+                return hit
         METRICS.cache.labels(result="miss").inc()
         reasons: list[str] = []
         with stage("features"):
@@ -279,12 +280,18 @@ class RecommendationEngine:
 
         self._pool.submit(write)  # off the response path
 
-    def answer_from_cache(self, user_id: int, raw: bytes, k: int) -> Recommendation:
-        """A cache hit: the stored top list (JSON) sliced to k."""
+    def answer_from_cache(self, user_id: int, raw: bytes, k: int) -> Recommendation | None:
+        """A cache hit: the stored top list (JSON) sliced to k; None if the entry is unreadable
+        (then it is a miss, and the fresh answer overwrites it)."""
+        try:
+            cached = orjson.loads(raw)
+            body = cached if isinstance(cached, dict) else {"items": cached}
+            items = list(body["items"])
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            log.warning("unreadable cache entry for user %s (%s): recomputing", user_id, exc)
+            return None
         METRICS.cache.labels(result="hit").inc()
-        cached = orjson.loads(raw)
-        body = cached if isinstance(cached, dict) else {"items": cached}
-        return Recommendation(user_id, body["items"][:k], bool(body.get("cold_start")), False, True,
+        return Recommendation(user_id, items[:k], bool(body.get("cold_start")), False, True,
                               dict(body.get("model_versions") or self.model_versions))
 
     def _user_features(self, user_id: int, reasons: list[str]) -> dict[str, Any] | None:

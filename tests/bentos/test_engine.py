@@ -117,6 +117,19 @@ def test_cache_hit_then_invalidation(engine: RecommendationEngine) -> None:
     assert not engine.recommend(user, k=2).cached
 
 
+@pytest.mark.parametrize("garbage", [b"not json", b'{"no_items": 1}', b"[1, 2"])
+def test_an_unreadable_cache_entry_is_a_miss_and_gets_overwritten(engine: RecommendationEngine,
+                                                                   garbage: bytes) -> None:
+    user = 424246
+    engine.client.set(cache_key(user), garbage)
+    rec = engine.recommend(user, k=3)
+    assert not rec.cached and len(rec.items) == 3
+    deadline = time.monotonic() + 5
+    while engine.client.get(cache_key(user)) == garbage and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.recommend(user, k=3).cached
+
+
 class _SlowScorer:
     version = "slow"
 
