@@ -22,6 +22,7 @@ import re
 import time
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 import pyarrow.dataset as pads
@@ -43,10 +44,11 @@ _STAGE = re.compile(r'^recsys_stage_seconds_(sum|count)\{stage="([a-z_]+)"\} ([0
 async def _floor(base: str, n: int = 1000) -> list[float]:
     """GET /healthz with one client: this machine's HTTP floor (no handler work), for reference."""
     latencies = []
-    async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
+    async with aiohttp.ClientSession(base) as client:
         for _ in range(n):
             t = time.perf_counter()
-            await client.get("/healthz")
+            async with client.get("/healthz") as resp:
+                await resp.read()
             latencies.append((time.perf_counter() - t) * 1000)
     return latencies
 
@@ -59,17 +61,20 @@ async def _phase(base: str, users: list[int], concurrency: int) -> tuple[list[fl
     latencies: list[float] = []
     errors = 0
     deadline = time.monotonic() + PHASE_MAX_S
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30.0) as client:
+    # aiohttp, not httpx: on this machine httpx's client costs about 0.9 ms more per request
+    # (measured side by side), which the service would be charged for
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as client:
 
         async def worker() -> None:
             nonlocal errors
             while not queue.empty() and time.monotonic() < deadline:
                 user = queue.get_nowait()
                 t = time.perf_counter()
-                resp = await client.post("/recommend", json={"user_id": user, "k": 10})
+                async with client.post("/recommend", json={"user_id": user, "k": 10}) as resp:
+                    await resp.read()
                 latencies.append((time.perf_counter() - t) * 1000)
-                errors += resp.status_code != 200
+                errors += resp.status != 200
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -125,7 +130,7 @@ def run(settings: Settings) -> dict[str, Any]:
         before = _stage_totals(base)
         miss, miss_rps, miss_err = asyncio.run(_phase(base, users, concurrency))
         after = _stage_totals(base)
-        time.sleep(0.5)  # cache writes happen off the response path
+        time.sleep(2.0)  # cache writes happen off the response path: let them land before the hit phase
         hit, hit_rps, hit_err = asyncio.run(_phase(base, users, concurrency))
         tag = f"c{concurrency}"
         numbers.update({

@@ -490,7 +490,8 @@ class RecommendationEngine:
         ids = np.asarray(cands.item_ids, dtype=np.int64)
         strat_scores = np.asarray(cands.scores, dtype=np.float64)
         if self.scorer is not None and item_feats is not None:
-            future = self._pool.submit(self.scorer.score, user, item_feats, ids, strat_scores, context)
+            inputs = {**item_feats, **self._recent_similarity(user, ids)}
+            future = self._pool.submit(self.scorer.score, user, inputs, ids, strat_scores, context)
             try:
                 logits = np.asarray(future.result(timeout=self.config.ranker_timeout_ms / 1000.0), dtype=np.float64)
                 if logits.shape == ids.shape and np.isfinite(logits).all():
@@ -505,6 +506,30 @@ class RecommendationEngine:
                 if cosine is not None:
                     return rules.to_unit(cosine, "cosine")
         return self._blend(cands)
+
+    def _index_vectors(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, known) of ``item_ids`` from the item-item index (-1 and unknown ids: zeros)."""
+        assert self.index is not None
+        unique, inverse = np.unique(np.asarray(item_ids, dtype=np.int64), return_inverse=True)
+        with self.index_lock:
+            known = self.index.item_to_item.contains(unique) & (unique >= 0)
+            vectors = np.zeros((len(unique), self.index.item_to_item.dim), dtype=np.float32)
+            if known.any():
+                vectors[known] = self.index.item_to_item.vectors(unique[known])
+        return vectors[inverse], known[inverse]
+
+    def _recent_similarity(self, user: Mapping[str, Any], ids: np.ndarray) -> dict[str, list[float]]:
+        """The ranker's recent-item inputs (each candidate's best and mean cosine with the user's
+        last 5 items) by the training code (models.ranker.recent_similarity) on the index's
+        vectors; empty without an index, so the ranker imputes them as in training."""
+        from models.ranker import RECENT, recent_matrix, recent_similarity
+
+        if self.index is None or not len(ids):
+            return {}
+        recent = recent_matrix([user.get("last_5_items")] * len(ids))
+        candidates, _ = self._index_vectors(ids)
+        values = recent_similarity(candidates, recent, self._index_vectors)
+        return {name: values[:, col].tolist() for col, (name, _) in enumerate(RECENT)}
 
     def _cosine(self, user_vec: np.ndarray | None, item_feats: Mapping[str, Sequence[Any]] | None,
                 ids: np.ndarray) -> np.ndarray | None:

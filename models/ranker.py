@@ -15,13 +15,20 @@ Inputs are the online features the service reads (short Feast feature names, as
   and the cosine itself (a missing vector is zeros plus a flag), and the score's place in the
   user's candidate list (:func:`list_features`). ``user * item`` per factor is optional and off:
   the ranker is trained on a label-time ALS and served with another fit, and factor axes do not
-  carry over from one fit to the next.
+  carry over from one fit to the next;
+- item statistics of the events the row's ALS is fitted on (:data:`ITEM_STATS`) and the
+  candidate's cosine with the user's recent items (:data:`RECENT`), computed by the caller.
 
-The model is a small deep-and-wide network trained with binary cross-entropy; the SavedModel's
+The model is a small deep-and-wide network trained listwise: softmax cross-entropy over each
+user's list (its label-window positives, the retrieval candidates it will be ranked among, a few
+random items), so it learns to order one user's candidates, which is all it is asked to do
+(``RankerConfig.loss="pointwise"`` keeps binary cross-entropy). :func:`fit_ranker_cv` trains it
+on folds of the label users, picks on the held-out users how much of the ALS score to add to the
+logit (``final = blend * z_ALS + logit``) and bags the fold models. The SavedModel's
 ``serve`` endpoint scores ONE user against N candidates in one call (:func:`export_ranker`): it
-takes the user's tensors once, the candidates' as a batch, and computes the list features over
-that batch; and :func:`load_scorer` wraps it as the
-service's ``Scorer``. TensorFlow is imported inside functions: importing this module is cheap.
+takes the user's tensors once, the candidates' as a batch, and computes the list features and
+the blend over that batch; and :func:`load_scorer` wraps it as the service's ``Scorer``.
+TensorFlow is imported inside functions: importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,9 +55,24 @@ log = logging.getLogger(__name__)
 
 SAVED_MODEL_DIR = "saved_model"
 META_FILE = "ranker.json"
+ITEM_STATS_FILE = "item_stats.parquet"  # ITEM_STATS per item as of the training cutoff, for serving
 SERVE_ENDPOINT = "serve"
 BENTO_RANKER_MODEL = "ranker"  # the name bentos/service.py pins
 
+#: Item statistics of the events the row's ALS is fitted on (:func:`models.ranker_train.item_stats`):
+#: how many events, the mean rating, the share of positive events (rating >= 4, CLICK or
+#: stronger), the last two smoothed toward the overall value. ALS models *what* a user interacts
+#: with; the protocol's positives are the *liked* ones, which these tell apart. Not in Feast (like
+#: the ALS vectors they are tied to the split, not to a daily snapshot): missing = imputed.
+ITEM_STATS: tuple[tuple[str, str], ...] = (
+    ("item_events", "log1p"), ("item_mean_rating", "identity"), ("item_positive_rate", "identity"),
+)
+#: How close the candidate is to what the user did last: the cosine of its ALS vector with the
+#: vectors of the user's ``last_5_items`` (Feast's real-time view), the best and the mean
+#: (:func:`recent_similarity`). Users rate and click in sessions; ALS's user vector averages a
+#: whole history and misses that (on ML-100K this is the ranker's largest gain over ALS). The
+#: caller computes them with the vectors of the ALS that scores the row.
+RECENT: tuple[tuple[str, str], ...] = (("recent_cosine_max", "identity"), ("recent_cosine_mean", "identity"))
 #: (feature, transform) pairs; counts and prices are log1p'd before standardisation.
 USER_NUMERIC: tuple[tuple[str, str], ...] = (
     ("n_events", "log1p"), ("n_events_7d", "log1p"), ("mean_rating", "identity"),
@@ -59,14 +81,20 @@ USER_NUMERIC: tuple[tuple[str, str], ...] = (
 ITEM_NUMERIC: tuple[tuple[str, str], ...] = (
     ("price", "log1p"), ("margin", "identity"), ("quality_score", "identity"), ("inventory", "log1p"),
     ("popularity_1d", "log1p"), ("popularity_7d", "log1p"),
-)
+) + ITEM_STATS + RECENT
 USER_LISTS = ("top_categories", "preferred_categories")
 USER_EMBEDDING, ITEM_EMBEDDING = "user_embedding", "item_embedding"
 COL_RETRIEVED = "retrieved"  # training frames: whether retrieval found the row's item
+#: training frames: which list (one user's candidates at one label time) a row belongs to;
+#: without it a user's rows are one list
+COL_LIST = "list_id"
 N_CONTEXT = 4  # hour sin/cos, weekday sin/cos
 #: Every online feature the ranker reads: the service must provide these (bentos.engine lists).
 USER_INPUTS: tuple[str, ...] = tuple(n for n, _ in USER_NUMERIC) + USER_LISTS + (USER_EMBEDDING,)
 ITEM_INPUTS: tuple[str, ...] = tuple(n for n, _ in ITEM_NUMERIC) + (S.COL_CATEGORY, ITEM_EMBEDDING)
+
+
+LOSSES = ("listwise", "pointwise")
 
 
 @dataclass(frozen=True)
@@ -74,11 +102,13 @@ class RankerConfig:
     """Network and training hyperparameters. On a GPU the batch is ``batch_size *
     gpu_batch_multiplier`` and the layers compute in mixed precision (float16, float32 logits)."""
 
-    hidden: tuple[int, ...] = (128, 64)
+    #: one layer of 64 and 8 epochs: on ML-100K's ~900 label lists a wider/deeper net or fewer
+    #: epochs scored lower on the held-out label users (cross-validation, never test)
+    hidden: tuple[int, ...] = (64,)
     category_buckets: int = 64
     category_dim: int = 8
     dropout: float = 0.1
-    epochs: int = 4
+    epochs: int = 8
     batch_size: int = 512
     gpu_batch_multiplier: int = 4
     learning_rate: float = 2e-3
@@ -86,6 +116,15 @@ class RankerConfig:
     #: label-time ALS and served with another fit, and ALS factor axes are arbitrary (any rotation
     #: fits equally well), so per-axis weights do not transfer; the dot, norms and cosine do.
     use_product: bool = False
+    #: ``listwise``: softmax cross-entropy over each user's list (the positives share the target
+    #: mass), batches of ``users_per_batch`` lists. The ranker only ever orders one user's
+    #: candidates, so the loss compares candidates of the same user, not rows of different users
+    #: (which BCE does, and which mostly teaches "this user is active"). ``pointwise``: BCE.
+    loss: str = "listwise"
+    users_per_batch: int = 32
+    #: :func:`fit_ranker_cv`: folds over the label users and the ALS weights tried for the blend
+    cv_folds: int = 5
+    blends: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 1e3)
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -100,6 +139,12 @@ class RankerConfig:
             problems.append("epochs, batch_size and gpu_batch_multiplier must be >= 1")
         if self.learning_rate <= 0:
             problems.append(f"learning_rate={self.learning_rate} must be > 0")
+        if self.loss not in LOSSES:
+            problems.append(f"loss={self.loss!r} must be one of {', '.join(LOSSES)}")
+        if self.cv_folds < 1 or any(b < 0 for b in self.blends) or not self.blends:
+            problems.append(f"cv_folds={self.cv_folds} must be >= 1 and blends={self.blends} non-empty, >= 0")
+        if self.users_per_batch < 1:
+            problems.append(f"users_per_batch={self.users_per_batch} must be >= 1")
         if problems:
             raise ValueError("invalid ranker config: " + "; ".join(problems))
 
@@ -133,6 +178,40 @@ def _context(timestamps: Sequence[Any]) -> np.ndarray:
     out = np.stack([np.sin(2 * math.pi * hour / 24), np.cos(2 * math.pi * hour / 24),
                     np.sin(2 * math.pi * day / 7), np.cos(2 * math.pi * day / 7)], axis=1)
     return np.nan_to_num(out)
+
+
+def recent_similarity(item_vectors: np.ndarray, recent_ids: np.ndarray, lookup: Any,
+                      chunk: int = 100_000) -> np.ndarray:
+    """(n, 2) float64 :data:`RECENT` values: row i's best and mean cosine between
+    ``item_vectors[i]`` (zeros = no vector) and the vectors of ``recent_ids[i]`` (its user's recent
+    items, -1 = padding); NaN where either side has no vector. ``lookup(ids) -> (vectors, known)``
+    gives the recent items' vectors (``Factors.item_vectors``). Chunked: memory stays bounded."""
+    out = np.full((len(item_vectors), 2), np.nan)
+    for start in range(0, len(item_vectors), chunk):
+        items = np.asarray(item_vectors[start:start + chunk], dtype=np.float32)
+        ids = np.asarray(recent_ids[start:start + chunk], dtype=np.int64)
+        vectors, known = lookup(ids.reshape(-1))
+        vectors = np.where(known[:, None] & (ids.reshape(-1)[:, None] >= 0), vectors, 0.0).reshape(*ids.shape, -1)
+        recent = vectors / (np.linalg.norm(vectors, axis=-1, keepdims=True) + 1e-6)
+        item_norm = np.linalg.norm(items, axis=1)
+        cosine = np.einsum("nmr,nr->nm", recent, items / (item_norm[:, None] + 1e-6))
+        valid = np.linalg.norm(vectors, axis=-1) > 0
+        with np.errstate(invalid="ignore"):
+            best = np.where(valid, cosine, -np.inf).max(axis=1)
+            mean = np.where(valid, cosine, 0.0).sum(axis=1) / valid.sum(axis=1)
+        ok = valid.any(axis=1) & (item_norm > 0)
+        out[start:start + chunk] = np.where(ok[:, None], np.stack([best, mean], axis=1), np.nan)
+    return out
+
+
+def recent_matrix(lists: Sequence[Any], width: int = 5) -> np.ndarray:
+    """(n, width) int64 item ids of each row's recent-items list (-1 = padding or no list)."""
+    out = np.full((len(lists), width), -1, dtype=np.int64)
+    for row, value in enumerate(lists):
+        if _is_list(value) and len(value):
+            ids = np.asarray(list(value)[:width], dtype=np.int64)
+            out[row, : len(ids)] = ids
+    return out
 
 
 N_LIST = 2  # the ALS score against the user's candidate list: z-score, gap to the list's best
@@ -248,13 +327,18 @@ class FeatureEncoder:
         item_vec = self.embeddings(_column(cols, ITEM_EMBEDDING, n), n)
         reference = frame[COL_RETRIEVED].to_numpy(bool) if COL_RETRIEVED in frame else None
         return {
-            "als_list": list_features((user_vec * item_vec).sum(axis=1), frame[S.COL_USER].to_numpy(), reference),
+            "als_list": list_features((user_vec * item_vec).sum(axis=1), list_ids(frame), reference),
             "user": self.user_matrix(cols, frame[S.COL_TS].tolist(), n),
             "item": self.item_matrix(cols, lists, n),
             "item_category": self.categories(cols, n),
             "user_embedding": user_vec,
             "item_embedding": item_vec,
         }
+
+
+def list_ids(frame: pd.DataFrame) -> np.ndarray:
+    """Each row's list: :data:`COL_LIST` where the frame has it, else its user."""
+    return frame[COL_LIST if COL_LIST in frame else S.COL_USER].to_numpy()
 
 
 def _column(cols: Mapping[str, Any], name: str, n: int) -> Sequence[Any]:
@@ -265,7 +349,7 @@ def _column(cols: Mapping[str, Any], name: str, n: int) -> Sequence[Any]:
 # ---- the network --------------------------------------------------------------------------------
 
 
-def build_model(encoder: FeatureEncoder, config: RankerConfig) -> keras.Model:
+def build_model(encoder: FeatureEncoder, config: RankerConfig, name: str = "ranker") -> keras.Model:
     """The ranker network. Shapes, for a batch of B (user, item) rows and ALS rank R:
 
     - ``user``: float32 (B, encoder.user_dim); ``item``: float32 (B, encoder.item_dim);
@@ -281,12 +365,9 @@ def build_model(encoder: FeatureEncoder, config: RankerConfig) -> keras.Model:
     import keras
     from keras import layers, ops
 
-    user = keras.Input((encoder.user_dim,), name="user")
-    item = keras.Input((encoder.item_dim,), name="item")
-    category = keras.Input((), dtype="int32", name="item_category")
-    user_vec = keras.Input((encoder.rank,), name="user_embedding")
-    item_vec = keras.Input((encoder.rank,), name="item_embedding")
-    als_list = keras.Input((N_LIST,), name="als_list")
+    inputs = model_inputs(encoder)
+    user, item, category = inputs["user"], inputs["item"], inputs["item_category"]
+    user_vec, item_vec, als_list = inputs["user_embedding"], inputs["item_embedding"], inputs["als_list"]
 
     def als_stats(vectors: list[Any]) -> Any:
         """(B, 4): user . item (the ALS score), |user|, |item| and their cosine."""
@@ -310,8 +391,33 @@ def build_model(encoder: FeatureEncoder, config: RankerConfig) -> keras.Model:
     logit = layers.Add()([deep, wide])
     # float32 logits even under mixed precision: a float16 sigmoid/BCE loses precision
     out = layers.Activation("linear", dtype="float32", name="logit")(layers.Reshape(())(logit))
-    return keras.Model({"user": user, "item": item, "item_category": category, "user_embedding": user_vec,
-                        "item_embedding": item_vec, "als_list": als_list}, out, name="ranker")
+    return keras.Model(inputs, out, name=name)
+
+
+def model_inputs(encoder: FeatureEncoder) -> dict[str, Any]:
+    """The network's Keras inputs by name (shapes in :func:`build_model`)."""
+    import keras
+
+    return {"user": keras.Input((encoder.user_dim,), name="user"),
+            "item": keras.Input((encoder.item_dim,), name="item"),
+            "item_category": keras.Input((), dtype="int32", name="item_category"),
+            "user_embedding": keras.Input((encoder.rank,), name="user_embedding"),
+            "item_embedding": keras.Input((encoder.rank,), name="item_embedding"),
+            "als_list": keras.Input((N_LIST,), name="als_list")}
+
+
+def average_model(members: Sequence[keras.Model], encoder: FeatureEncoder) -> keras.Model:
+    """One model whose logit is the mean of ``members``' logits (same encoder): the
+    cross-validation folds' models, bagged. On a few hundred training lists one fit is noisy;
+    the mean of the fold models is steadier than any of them and costs no extra fit."""
+    import keras
+    from keras import layers
+
+    if len(members) == 1:
+        return members[0]
+    inputs = model_inputs(encoder)
+    out = layers.Average(dtype="float32", name="logit_mean")([m(inputs) for m in members])
+    return keras.Model(inputs, out, name="ranker_bag")
 
 
 @dataclass
@@ -323,6 +429,17 @@ class FitResult:
     device: str
     rows: int
     positives: int
+    #: Weight of the ALS score (z-scored within the candidate list) added to the logit by the
+    #: exported scorer: final = blend * z + logit. Chosen on held-out label users
+    #: (:func:`fit_ranker_cv`); 0 = the network alone.
+    blend: float = 0.0
+    validation: dict[str, Any] = field(default_factory=dict)
+
+
+def _device_setup_name() -> str:
+    import tensorflow as tf
+
+    return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
 
 
 def _device_setup(config: RankerConfig) -> tuple[str, int, str]:
@@ -339,9 +456,10 @@ def _device_setup(config: RankerConfig) -> tuple[str, int, str]:
 
 
 def fit_ranker(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: RankerConfig | None = None,
-               progress: bool = True) -> FitResult:
+               progress: bool = True, encoder: FeatureEncoder | None = None, name: str = "ranker") -> FitResult:
     """Train on a training frame (features, short names, ``event_timestamp``, embeddings) and
-    binary ``labels`` aligned with it (binary cross-entropy on the logits)."""
+    binary ``labels`` aligned with it: listwise over each ``user_id``'s rows (the default) or
+    binary cross-entropy per row (``config.loss``)."""
     import keras
     import tensorflow as tf
 
@@ -350,31 +468,153 @@ def fit_ranker(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: Ranke
     if len(labels) != len(frame) or len(frame) == 0:
         raise ValueError(f"{len(frame)} frame rows and {len(labels)} labels: pass one label per row, at least one")
     keras.utils.set_random_seed(cfg.seed)
-    encoder = FeatureEncoder.fit(frame, rank, cfg.category_buckets)
+    encoder = encoder or FeatureEncoder.fit(frame, rank, cfg.category_buckets)
     inputs = encoder.encode_frame(frame)
     device, batch_size, previous = _device_setup(cfg)
     try:
-        model = build_model(encoder, cfg)
-        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                      loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                      metrics=[keras.metrics.AUC(from_logits=True, name="auc")])
-        data = (tf.data.Dataset.from_tensor_slices((inputs, labels))
-                .shuffle(len(labels), seed=cfg.seed, reshuffle_each_iteration=True)
+        model = build_model(encoder, cfg, name)
+        if cfg.loss == "listwise":
+            lists, targets = to_lists(inputs, labels, list_ids(frame))
+            trainer, loss, examples = _ListModel(model), listwise_loss, (lists, targets)
+            # a GPU gets more lists per step, as it gets more rows per step pointwise
+            batch_size = cfg.users_per_batch * (batch_size // cfg.batch_size)
+        else:
+            trainer, loss, examples = model, keras.losses.BinaryCrossentropy(from_logits=True), (inputs, labels)
+        trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
+        data = (tf.data.Dataset.from_tensor_slices(examples)
+                .shuffle(len(examples[1]), seed=cfg.seed, reshuffle_each_iteration=True)
                 .batch(batch_size).prefetch(tf.data.AUTOTUNE))
-        log.info("ranker: %d rows (%d positive) on %s, batch %d", len(labels), int(labels.sum()), device, batch_size)
-        history = model.fit(data, epochs=cfg.epochs, shuffle=False, verbose=1 if progress else 0)  # tf.data shuffles
+        log.info("ranker: %d rows (%d positive) on %s, %s loss, batch %d", len(labels), int(labels.sum()), device,
+                 cfg.loss, batch_size)
+        history = trainer.fit(data, epochs=cfg.epochs, shuffle=False, verbose=1 if progress else 0)  # tf.data shuffles
     finally:
         keras.mixed_precision.set_global_policy(previous)
     return FitResult(model, encoder, cfg, {k: [float(v) for v in vs] for k, vs in history.history.items()},
                      device, len(labels), int(labels.sum()))
 
 
+def fit_ranker_cv(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: RankerConfig | None = None,
+                  progress: bool = True) -> FitResult:
+    """:func:`fit_ranker` on ``config.cv_folds`` folds of the label users, each scored on the
+    users it did not see; the returned model is the mean of the fold models
+    (:func:`average_model`) and its ``blend`` the ALS weight (among ``config.blends``) with the
+    best held-out ndcg@10 over the retrieved rows. The held-out users are label users, i.e.
+    training data: nothing here sees the test split. ``cv_folds`` 1 = one fit, blend 0."""
+    cfg = config or RankerConfig()
+    labels = np.asarray(labels, dtype=np.float32)
+    if cfg.cv_folds == 1:
+        return fit_ranker(frame, labels, rank, cfg, progress)
+    encoder = FeatureEncoder.fit(frame, rank, cfg.category_buckets)  # unsupervised: shared by the folds
+    users = frame[S.COL_USER].to_numpy()
+    unique = np.unique(users)
+    np.random.default_rng(cfg.seed).shuffle(unique)
+    held_logits = np.zeros(len(frame), np.float32)
+    members: list[Any] = []
+    history: dict[str, list[float]] = {}
+    for fold, held in enumerate(np.array_split(unique, cfg.cv_folds)):
+        out = np.isin(users, held)
+        fitted = fit_ranker(frame[~out].reset_index(drop=True), labels[~out], rank, replace(cfg, seed=cfg.seed + fold),
+                            progress, encoder, name=f"ranker_fold{fold}")  # unique names: one bagged model
+        inputs = encoder.encode_frame(frame[out].reset_index(drop=True))
+        held_logits[out] = np.asarray(fitted.model.predict(inputs, batch_size=4096, verbose=0)).reshape(-1)
+        members.append(fitted.model)
+        history |= {f"fold{fold}_{k}": v for k, v in fitted.history.items()}
+    # "loss": the folds' mean per epoch, as a single fit reports it
+    history["loss"] = np.mean([history[f"fold{f}_loss"] for f in range(cfg.cv_folds)], axis=0).tolist()
+    z = encoder.encode_frame(frame)["als_list"][:, 0]
+    retrieved = frame[COL_RETRIEVED].to_numpy(bool) if COL_RETRIEVED in frame else np.ones(len(frame), bool)
+    lists = list_ids(frame)
+    trials = {float(b): list_ndcg(held_logits + b * z, labels, lists, retrieved) for b in cfg.blends}
+    blend = max(trials, key=lambda b: (trials[b], -b))  # ties: the smaller ALS weight
+    validation = {"blend_ndcg@10": {str(b): round(v, 5) for b, v in trials.items()},
+                  "als_only_ndcg@10": round(list_ndcg(z, labels, lists, retrieved), 5), "folds": cfg.cv_folds}
+    log.info("ranker: held-out ndcg@10 by ALS blend %s (ALS alone %.4f): blend %s", validation["blend_ndcg@10"],
+             validation["als_only_ndcg@10"], blend)
+    return FitResult(average_model(members, encoder), encoder, cfg, history, _device_setup_name(), len(labels),
+                     int(labels.sum()), blend, validation)
+
+
+def list_ndcg(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, rows: np.ndarray | None = None,
+              k: int = 10) -> float:
+    """Mean ndcg@k over groups (users) of their ``rows`` ranked by ``scores`` (ties: row order),
+    binary gains from ``labels``, ideal DCG over min(k, positives); groups without a positive
+    are skipped. The protocol's metric, on one user's candidate list instead of the catalogue."""
+    rows = np.ones(len(scores), bool) if rows is None else np.asarray(rows, bool)
+    scores, labels, groups = np.asarray(scores)[rows], np.asarray(labels)[rows], np.asarray(groups)[rows]
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    order = np.lexsort((np.arange(len(scores)), -scores, groups))
+    values = []
+    for group_rows in np.split(order, np.flatnonzero(np.diff(groups[order])) + 1):
+        gains = labels[group_rows] > 0
+        n_pos = int(gains.sum())
+        if n_pos:
+            values.append(float(discounts[: min(k, len(gains))] @ gains[:k]) / float(discounts[: min(k, n_pos)].sum()))
+    return float(np.mean(values)) if values else 0.0
+
+
+PAD_LABEL = -1.0  # a padding slot of a list: no score, no target
+
+
+def to_lists(inputs: Mapping[str, np.ndarray], labels: np.ndarray,
+             groups: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Rows grouped into one padded list per group (user): every input gets shape (lists, L, ...)
+    with L the longest list, and labels (lists, L) with :data:`PAD_LABEL` in the padding.
+    Lists without a positive are dropped: a softmax over them has no target."""
+    groups = np.asarray(groups)
+    order = np.argsort(groups, kind="stable")
+    uniques, starts, counts = np.unique(groups[order], return_index=True, return_counts=True)
+    keep = [i for i in range(len(uniques)) if labels[order[starts[i]:starts[i] + counts[i]]].max() > 0]
+    length = int(counts.max())
+    out = {k: np.zeros((len(keep), length, *v.shape[1:]), dtype=v.dtype) for k, v in inputs.items()}
+    targets = np.full((len(keep), length), PAD_LABEL, dtype=np.float32)
+    for row, i in enumerate(keep):
+        rows = order[starts[i]:starts[i] + counts[i]]
+        for k, v in inputs.items():
+            out[k][row, : len(rows)] = v[rows]
+        targets[row, : len(rows)] = labels[rows]
+    return out, targets
+
+
+def listwise_loss(y_true: Any, y_pred: Any) -> Any:
+    """Softmax cross-entropy of one list: the target spreads evenly over the list's positives;
+    padding (:data:`PAD_LABEL`) gets no probability and no target."""
+    from keras import ops
+
+    valid = y_true > PAD_LABEL / 2
+    logits = ops.where(valid, ops.cast(y_pred, "float32"), -1e9)
+    positive = ops.where(valid, y_true, 0.0)
+    target = positive / ops.maximum(ops.sum(positive, axis=-1, keepdims=True), 1.0)
+    return -ops.sum(target * ops.log_softmax(logits, axis=-1), axis=-1)
+
+
+def _ListModel(model: keras.Model) -> keras.Model:
+    """``model`` (rows -> logits) applied to lists: inputs (B, L, ...) -> logits (B, L). Only
+    used to train: the exported model scores rows (one user's candidates) as before."""
+    import keras
+    from keras import ops
+
+    class ListModel(keras.Model):
+        def __init__(self, inner: keras.Model) -> None:
+            super().__init__(name="ranker_lists")
+            self.inner = inner
+
+        def call(self, inputs: dict[str, Any], training: bool = False) -> Any:
+            shape = ops.shape(inputs["user"])
+            flat = {k: ops.reshape(v, (-1, *v.shape[2:])) for k, v in inputs.items()}
+            return ops.reshape(self.inner(flat, training=training), (shape[0], shape[1]))
+
+    return ListModel(model)
+
+
 # ---- SavedModel ---------------------------------------------------------------------------------
 
 
-def export_ranker(result: FitResult, folder: Path, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``folder/saved_model`` (endpoint ``serve``: one user against N candidates) and
-    ``folder/ranker.json`` (the encoder, config and ``metadata``). Replaces ``folder`` whole."""
+def export_ranker(result: FitResult, folder: Path, metadata: Mapping[str, Any] | None = None,
+                  item_stats: pd.DataFrame | None = None) -> Path:
+    """Write ``folder/saved_model`` (endpoint ``serve``: one user against N candidates),
+    ``folder/ranker.json`` (the encoder, config and ``metadata``) and, when given,
+    ``folder/item_stats.parquet`` (:data:`ITEM_STATS` by item id, which the service has no other
+    source for). Replaces ``folder`` whole."""
     import keras
     import tensorflow as tf
 
@@ -393,7 +633,8 @@ def export_ranker(result: FitResult, folder: Path, metadata: Mapping[str, Any] |
             logits = model({"user": tf.tile(user[None, :], [n, 1]), "item": items, "item_category": item_category,
                             "user_embedding": tf.tile(user_embedding[None, :], [n, 1]),
                             "item_embedding": item_embedding, "als_list": als_list}, training=False)
-            return tf.cast(tf.reshape(logits, [-1]), tf.float32)
+            # the blend chosen on held-out label users: the ALS ranking plus the learned correction
+            return tf.cast(tf.reshape(logits, [-1]), tf.float32) + tf.constant(result.blend, tf.float32) * z
 
         archive.add_endpoint(SERVE_ENDPOINT, serve, input_signature=[
             tf.TensorSpec([enc.user_dim], tf.float32, name="user"),
@@ -405,8 +646,11 @@ def export_ranker(result: FitResult, folder: Path, metadata: Mapping[str, Any] |
         archive.write_out(str(tmp / SAVED_MODEL_DIR), verbose=False)
         meta = {"encoder": asdict(enc), "config": asdict(result.config), "device": result.device,
                 "rows": result.rows, "positives": result.positives, "history": result.history,
+                "blend": result.blend, "validation": result.validation,
                 "created": datetime.now(timezone.utc).isoformat(), **dict(metadata or {})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if item_stats is not None:
+            item_stats[[name for name, _ in ITEM_STATS]].to_parquet(tmp / ITEM_STATS_FILE)
 
     return replace_dir(Path(folder), write)
 
@@ -425,6 +669,21 @@ class RankerScorer:
         self.metadata = meta
         self._model = tf.saved_model.load(str(folder / SAVED_MODEL_DIR))
         self._serve = getattr(self._model, SERVE_ENDPOINT)
+        stats_path = folder / ITEM_STATS_FILE
+        stats = pd.read_parquet(stats_path).sort_index() if stats_path.is_file() else None
+        self._stats_ids = stats.index.to_numpy(np.int64) if stats is not None else np.empty(0, np.int64)
+        self._stats = {name: stats[name].to_numpy(np.float64) for name, _ in ITEM_STATS} if stats is not None else {}
+
+    def with_item_stats(self, items: Mapping[str, Sequence[Any]], item_ids: np.ndarray) -> Mapping[str, Sequence[Any]]:
+        """``items`` plus the exported :data:`ITEM_STATS` of ``item_ids`` where the caller has none
+        (the service; training and evaluation frames carry their own). NaN = unknown = imputed."""
+        missing = [name for name, _ in ITEM_STATS if name not in items]
+        if not missing or not self._stats:
+            return items
+        ids = np.asarray(item_ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._stats_ids, ids), max(len(self._stats_ids) - 1, 0))
+        found = self._stats_ids[pos] == ids if len(self._stats_ids) else np.zeros(len(ids), bool)
+        return {**items, **{name: np.where(found, self._stats[name][pos], np.nan).tolist() for name in missing}}
 
     def inputs(self, user: Mapping[str, Any], items: Mapping[str, Sequence[Any]], n: int,
                context: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -448,7 +707,7 @@ class RankerScorer:
         n = len(item_ids)
         if n == 0:
             return np.empty(0, dtype=np.float64)
-        out = self._serve(**self.inputs(user, items, n, context))
+        out = self._serve(**self.inputs(user, self.with_item_stats(items, item_ids), n, context))
         return np.asarray(out, dtype=np.float64).reshape(n)
 
 
@@ -490,7 +749,11 @@ def train_tiny_ranker(folder: Path, rank: int = 8, epochs: int = 20) -> Path:
     frame, labels = tiny_frame(rank=rank)
     result = fit_ranker(frame, labels, rank, RankerConfig(hidden=(16,), epochs=epochs, batch_size=32, learning_rate=1e-2,
                                                           category_buckets=8, dropout=0.0), progress=False)
-    return export_ranker(result, Path(folder), {"version": "tiny"})
+    # item statistics for the service's path (hand-checkable: item_events = the item's id)
+    ids = np.unique(frame[S.COL_ITEM].to_numpy(np.int64))
+    stats = pd.DataFrame({"item_events": ids.astype(np.float64), "item_mean_rating": 3.5, "item_positive_rate": 0.5},
+                         index=pd.Index(ids, name=S.COL_ITEM))
+    return export_ranker(result, Path(folder), {"version": "tiny"}, item_stats=stats)
 
 
 def train_ranker_for_demo(settings: Any) -> str:
@@ -498,6 +761,7 @@ def train_ranker_for_demo(settings: Any) -> str:
     (MLflow and the BentoML store included); returns a one-line summary."""
     from models.ranker_train import train_ranker
 
-    result = train_ranker(settings, RankerConfig(epochs=2), progress=False)
+    # one fit, no cross-validation: the demo shows the pipeline, the evaluation measures it
+    result = train_ranker(settings, RankerConfig(epochs=2, cv_folds=1), progress=False)
     return (f"{result.training.fit.rows:,} rows on {result.training.fit.device}, MLflow run {result.run_id}, "
             f"BentoML model {result.bento_tag}")

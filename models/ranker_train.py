@@ -18,7 +18,13 @@ label event) and joined with Feast's ``get_historical_features`` (:func:`pipelin
 only feature values stamped at or before that time are used. The ALS vectors are not taken from
 Feast: the embedding views hold the production factors (fitted on all data, stamped at the
 cutoff), which the point-in-time join rightly refuses for earlier labels; the rows get the vectors
-of the fit-part ALS instead.
+of the fit-part ALS instead. The same goes for what is derived from that ALS or its events: the
+candidate's cosine with the user's ``last_5_items`` (Feast, point-in-time) uses the row's ALS
+vectors, and the item statistics (:func:`item_stats`) count the ALS's own events (fit part for
+labels, all of train at test time).
+
+Windows. ``ExampleConfig.windows`` > 1 carves further label windows the same way from the
+previous fit part (each with its own, earlier ALS): more lists for the listwise loss.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from tqdm.auto import tqdm
 
 from models.als import ALSConfig, Factors, Popularity, fit_als
 from models.protocol import positives_of, rank_with, temporal_split
-from models.ranker import COL_RETRIEVED, FitResult, RankerConfig, export_ranker, fit_ranker, load_scorer
+from models.ranker import COL_LIST, COL_RETRIEVED, FitResult, RankerConfig, export_ranker, fit_ranker_cv, load_scorer
 from models.retrieval import CandidateConfig, Candidates, RetrievalIndex, generate_candidates_batch, history
 from pipelines.cleaning import CleaningConfig, clean_events
 from recsys import schema as S
@@ -54,6 +60,7 @@ log = logging.getLogger(__name__)
 COL_LABEL = "label"
 _COL_ROW = "_row"  # entity row order: Feast hands the frame back in its own order
 ONE_US = timedelta(microseconds=1)
+MAX_WINDOWS = 10  # list ids are user_id * MAX_WINDOWS + window
 
 
 @dataclass(frozen=True)
@@ -69,11 +76,16 @@ class ExampleConfig:
     #: (two-stage ndcg@10 0.136 with them, 0.172 without, same split).
     missed_positives: bool = False
     feature_service: str = "ranker_v1"
+    #: Label windows: 1 = the last 20% of each user's training events; each further window is
+    #: the last 20% of what precedes the previous one (its own earlier ALS), for more lists.
+    windows: int = 1
     seed: int = 42
 
     def __post_init__(self) -> None:
         if self.n_hard < 0 or self.n_random < 0:
             raise ValueError(f"n_hard={self.n_hard} and n_random={self.n_random} must be >= 0")
+        if not 1 <= self.windows <= MAX_WINDOWS:
+            raise ValueError(f"windows={self.windows} must be within 1..{MAX_WINDOWS}")
         if self.n_hard == 0 and self.n_random == 0:
             raise ValueError("n_hard=0 and n_random=0 leave no negatives: set one above 0")
 
@@ -140,10 +152,64 @@ def attach_embeddings(frame: pd.DataFrame, factors: Factors) -> pd.DataFrame:
     return out
 
 
+#: Pseudo-events pulling a rarely seen item's mean rating / positive share toward the overall one.
+STATS_PRIOR = 20.0
+
+
+def item_stats(events: DataFrame) -> pd.DataFrame:
+    """Per item of ``events``: ``item_events`` (count), ``item_mean_rating`` (RATING events only;
+    NaN without any) and ``item_positive_rate`` (share of positives by the protocol's rule), the
+    last two smoothed with :data:`STATS_PRIOR` pseudo-events at the overall value. Computed from
+    exactly the events the matching ALS is fitted on: the fit part for label rows, all of train
+    for test rows, so the statistics are as of the same split point as the ALS score."""
+    from pyspark.sql import functions as F
+
+    from models.protocol import positive_condition
+
+    is_rating = F.col(S.COL_EVENT_TYPE) == S.EventType.RATING.value
+    rows = events.groupBy(S.COL_ITEM).agg(
+        F.count(F.lit(1)).alias("n"), F.sum(F.when(is_rating, 1).otherwise(0)).alias("n_ratings"),
+        F.sum(F.when(is_rating, F.col(S.COL_VALUE))).alias("rating_sum"),
+        F.sum(positive_condition().cast("double")).alias("positives"))
+    rows = cast(pd.DataFrame, rows.toPandas()).set_index(S.COL_ITEM)
+    mean_rating = rows["rating_sum"].sum() / max(rows["n_ratings"].sum(), 1)
+    positive_rate = rows["positives"].sum() / max(rows["n"].sum(), 1)
+    out = pd.DataFrame(index=rows.index.astype(np.int64))
+    out["item_events"] = rows["n"].to_numpy(np.float64)
+    out["item_mean_rating"] = np.where(rows["n_ratings"] > 0, (rows["rating_sum"].fillna(0) + STATS_PRIOR * mean_rating)
+                                       / (rows["n_ratings"] + STATS_PRIOR), np.nan)
+    out["item_positive_rate"] = ((rows["positives"] + STATS_PRIOR * positive_rate) / (rows["n"] + STATS_PRIOR)).to_numpy()
+    return out
+
+
+RECENT_ITEMS = "last_5_items"  # Feast's user_realtime view: the user's recent items, latest first
+
+
+def attach_recent_similarity(frame: pd.DataFrame, factors: Factors) -> pd.DataFrame:
+    """``frame`` with :data:`models.ranker.RECENT` from its (point-in-time) ``last_5_items`` and
+    ``factors``: the same vectors as the row's ALS score."""
+    from models.ranker import RECENT, recent_matrix, recent_similarity
+
+    recent_ids = recent_matrix(frame[RECENT_ITEMS].tolist() if RECENT_ITEMS in frame else [None] * len(frame))
+    item_vectors, known = factors.item_vectors(frame[S.COL_ITEM].to_numpy(np.int64))
+    values = recent_similarity(np.where(known[:, None], item_vectors, 0.0), recent_ids, factors.item_vectors)
+    out = frame.copy()
+    for column, (name, _) in enumerate(RECENT):
+        out[name] = values[:, column]
+    return out
+
+
+def attach_item_stats(frame: pd.DataFrame, stats: pd.DataFrame | None) -> pd.DataFrame:
+    """``frame`` with :func:`item_stats` columns (NaN for an item without events)."""
+    if stats is None:
+        return frame
+    return frame.drop(columns=[c for c in stats.columns if c in frame.columns]).join(stats, on=S.COL_ITEM)
+
+
 def feature_frame(entity_df: pd.DataFrame, settings: Settings, factors: Factors,
-                  feature_service: str = "ranker_v1") -> pd.DataFrame:
+                  feature_service: str = "ranker_v1", stats: pd.DataFrame | None = None) -> pd.DataFrame:
     """Point-in-time features for entity rows (Feast), in the rows' own order, with the vectors
-    of ``factors`` (module docstring)."""
+    of ``factors`` and the item statistics ``stats`` of the same events (module docstring)."""
     from pipelines.feature_store import get_training_frame
 
     entity = entity_df.reset_index(drop=True).assign(**{_COL_ROW: np.arange(len(entity_df))})
@@ -158,7 +224,7 @@ def feature_frame(entity_df: pd.DataFrame, settings: Settings, factors: Factors,
              .drop(columns=[_COL_ROW]))
     log.info("feature frame: %d rows x %d columns from %r in %.1fs", len(frame), frame.shape[1], feature_service,
              time.perf_counter() - started)
-    return attach_embeddings(frame, factors)
+    return attach_recent_similarity(attach_item_stats(attach_embeddings(frame, factors), stats), factors)
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -172,15 +238,22 @@ class RankerTraining:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def train_ranker_on(events: DataFrame, items: DataFrame, catalogue: np.ndarray, feature_settings: Settings,
-                    als: ALSConfig, cleaning: CleaningConfig, config: RankerConfig | None = None,
-                    examples: ExampleConfig | None = None, progress: bool = True) -> RankerTraining:
-    """Split ``events`` (training data only) into fit part and label window, fit ALS and the
-    index on the fit part, sample examples, pull their features from Feast (``feature_settings``:
-    a workspace whose offline tables hold features of these events) and train the ranker."""
-    ex = examples or ExampleConfig()
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
+@dataclass
+class LabelWindow:
+    """One label window's examples with their features, and the ALS that scored them."""
+
+    frame: pd.DataFrame
+    factors: Factors
+    users: int
+
+
+def label_window(events: DataFrame, items: DataFrame, catalogue: np.ndarray, feature_settings: Settings,
+                 als: ALSConfig, cleaning: CleaningConfig, ex: ExampleConfig, window: int,
+                 progress: bool = True) -> tuple[LabelWindow, DataFrame]:
+    """Split ``events`` into fit part and label window (the protocol's split), fit ALS, its
+    item statistics and the index on the fit part, sample the window's examples and join their
+    point-in-time features. Returns the window and the fit part (persisted: the next, earlier
+    window is carved from it; the caller unpersists it)."""
     fit, labels = temporal_split(events)
     fit, labels = fit.persist(), labels.persist()
     fit_rows = fit.select(S.COL_USER, S.COL_ITEM, S.COL_TS).toPandas()
@@ -189,25 +262,49 @@ def train_ranker_on(events: DataFrame, items: DataFrame, catalogue: np.ndarray, 
     fit_end = pd.to_datetime(fit_rows[S.COL_TS], utc=True).max().to_pydatetime()
     cleaned = clean_events(fit, fit_end, cleaning, catalogue=items)
     factors = fit_als(cleaned.interactions, als, cleaned.reference_time)
+    stats = item_stats(fit)
     cleaned.interactions.unpersist()
     cleaned.events.unpersist()
+    labels.unpersist()
     index = RetrievalIndex.build(factors)
     recent, seen = history(fit_rows, ex.candidates.max_recent)
     users = np.unique(positives[S.COL_USER].to_numpy()).astype(np.int64)
     candidates = generate_candidates_batch(index, factors, users, recent, seen, ex.candidates, progress=progress)
     entity = sample_examples(candidates, positives, seen, label_time, catalogue, ex)
-    fit.unpersist()
-    labels.unpersist()
-    seconds["ranker_labels_s"] = round(time.perf_counter() - started, 2)
+    frame = feature_frame(entity, feature_settings, factors, ex.feature_service, stats)
+    frame[COL_LIST] = frame[S.COL_USER].to_numpy(np.int64) * MAX_WINDOWS + window  # one list per user and window
+    return LabelWindow(frame, factors, len(users)), fit
+
+
+def train_ranker_on(events: DataFrame, items: DataFrame, catalogue: np.ndarray, feature_settings: Settings,
+                    als: ALSConfig, cleaning: CleaningConfig, config: RankerConfig | None = None,
+                    examples: ExampleConfig | None = None, progress: bool = True) -> RankerTraining:
+    """``examples.windows`` label windows (:func:`label_window`), the first = the last 20% of
+    each user's ``events`` (training data only), each next one carved the same way from the
+    previous fit part; then the ranker, trained on all of their lists (``feature_settings``: a
+    workspace whose offline tables hold features of these events). ``factors`` in the result is
+    the first window's ALS."""
+    ex = examples or ExampleConfig()
     started = time.perf_counter()
-    frame = feature_frame(entity, feature_settings, factors, ex.feature_service)
-    seconds["ranker_features_s"] = round(time.perf_counter() - started, 2)
+    windows: list[LabelWindow] = []
+    remaining, previous = events, None
+    for window in range(ex.windows):
+        found, remaining = label_window(remaining, items, catalogue, feature_settings, als, cleaning, ex, window,
+                                        progress)
+        if previous is not None:
+            previous.unpersist()
+        previous = remaining
+        windows.append(found)
+    if previous is not None:
+        previous.unpersist()
+    frame = pd.concat([w.frame for w in windows], ignore_index=True)
+    seconds = {"ranker_examples_s": round(time.perf_counter() - started, 2)}
     started = time.perf_counter()
-    result = fit_ranker(frame, frame[COL_LABEL].to_numpy(), factors.rank, config, progress=progress)
+    result = fit_ranker_cv(frame, frame[COL_LABEL].to_numpy(), windows[0].factors.rank, config, progress=progress)
     seconds["ranker_fit_s"] = round(time.perf_counter() - started, 2)
-    log.info("ranker trained on %d rows (%d positives, %d users): %s", result.rows, result.positives, len(users),
-             seconds)
-    return RankerTraining(result, factors, frame, seconds)
+    log.info("ranker trained on %d rows (%d positives, %s label users by window): %s", result.rows, result.positives,
+             [w.users for w in windows], seconds)
+    return RankerTraining(result, windows[0].factors, frame, seconds)
 
 
 # ---- two-stage ranking ------------------------------------------------------------------------
@@ -293,7 +390,9 @@ def two_stage(ctx: EvalContext, config: RankerConfig | None = None, examples: Ex
     recent, seen = history(ctx.train_rows, ex.candidates.max_recent)
     candidates = generate_candidates_batch(index, ctx.factors, users, recent, seen, ex.candidates, progress=progress)
     test_time = first_times(ctx.test.filter(F.col(S.COL_USER).isin([int(u) for u in users])))
-    frame = feature_frame(candidate_rows(candidates, test_time), fsettings, ctx.factors, ex.feature_service)
+    # item statistics of all training events: the same events as the test-time ALS
+    frame = feature_frame(candidate_rows(candidates, test_time), fsettings, ctx.factors, ex.feature_service,
+                          item_stats(ctx.train))
     popularity = Popularity.fit(ctx.train_rows)
     fallback = rank_with(ctx.eval_set, ctx.factors.score_fn(catalogue, fallback=popularity.scores(catalogue)), depth)
     return rerank(scorer, frame, users, catalogue, fallback, depth, progress)
@@ -337,7 +436,9 @@ def train_ranker(settings: Settings, config: RankerConfig | None = None, example
     training = train_ranker_on(events, items, catalogue, settings, als or ALSConfig(), cleaning or CleaningConfig(),
                                config, examples, progress)
     metadata = {"dataset": settings.dataset, "training_cutoff": cutoff.isoformat()}
-    path = export_ranker(training.fit, out or ranker_path(settings), metadata)
+    # serving scores with the production ALS, fitted on all events to the cutoff: the item
+    # statistics that go with it are those of the same events (as evaluation does for test rows)
+    path = export_ranker(training.fit, out or ranker_path(settings), metadata, item_stats=item_stats(events))
     result = RankerTrainResult(training, path, cutoff, seconds={**training.seconds,
                                                                "ranker_s": round(time.perf_counter() - started, 2)})
     if track:

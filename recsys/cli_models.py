@@ -57,7 +57,8 @@ def train_als_cmd(
 @train_app.command("ranker")
 def train_ranker_cmd(
     ctx: typer.Context,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 4,
+    epochs: Annotated[Optional[int], typer.Option(
+        min=1, help="Training epochs (default: RankerConfig's, chosen on validation splits).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size on CPU (x4 on a GPU).")] = 512,
     n_hard: Annotated[int, typer.Option(min=0, help="Hard negatives per user (retrieval candidates).")] = 150,
     n_random: Annotated[int, typer.Option(min=0, help="Random negatives per user.")] = 10,
@@ -73,7 +74,7 @@ def train_ranker_cmd(
 
     settings = settings_of(ctx)
     try:
-        result = train_ranker(settings, RankerConfig(epochs=epochs, batch_size=batch_size),
+        result = train_ranker(settings, RankerConfig(**({"epochs": epochs} if epochs else {}), batch_size=batch_size),
                               ExampleConfig(n_hard=n_hard, n_random=n_random), out=out, track=track,
                               bentoml_home=bentoml_home)
     except (ValueError, DatasetError, FeatureStoreError, FileNotFoundError) as exc:

@@ -275,3 +275,18 @@ def test_async_cache_lookup_with_redis_down_opens_the_shared_breaker(engine: Rec
     down = engine.recommend(1, k=3, cache_checked=True)
     assert down.degraded and {i["strategy"] for i in down.items} == {"popular"}
     engine.breaker.ok()
+
+
+def test_ranker_gets_recent_item_similarity_from_the_index(engine: RecommendationEngine) -> None:
+    # the index holds vector(i, 0.1) per item; a candidate's inputs are its best and mean cosine
+    # with the user's last items (models.ranker.recent_similarity, the training code)
+    def cos(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    v = {i: np.asarray(vector(i, 0.1), np.float64) for i in (1, 2, 3)}
+    out = engine._recent_similarity({"last_5_items": [1, 2, 424242]}, np.array([3, 1, 999_999]))  # 424242: no vector
+    assert out["recent_cosine_max"][0] == pytest.approx(max(cos(v[3], v[1]), cos(v[3], v[2])), abs=1e-5)
+    assert out["recent_cosine_mean"][0] == pytest.approx((cos(v[3], v[1]) + cos(v[3], v[2])) / 2, abs=1e-5)
+    assert out["recent_cosine_max"][1] == pytest.approx(1.0, abs=1e-5)  # item 1 is one of the recent items
+    assert np.isnan(out["recent_cosine_max"][2])  # not in the index: imputed by the ranker, as in training
+    assert all(np.isnan(x) for x in engine._recent_similarity({"last_5_items": None}, np.array([3]))["recent_cosine_max"])

@@ -17,12 +17,17 @@ from models.ranker import (
     COL_RETRIEVED,
     SAVED_MODEL_DIR,
     SERVE_ENDPOINT,
+    ITEM_NUMERIC,
     FeatureEncoder,
     RankerConfig,
+    PAD_LABEL,
     export_ranker,
     fit_ranker,
+    fit_ranker_cv,
+    list_ndcg,
     load_scorer,
     tiny_frame,
+    to_lists,
     train_tiny_ranker,
 )
 from models.ranker_train import COL_LABEL, ExampleConfig, sample_examples
@@ -74,7 +79,8 @@ def test_encoder_imputes_masks_and_buckets_by_hand() -> None:
     np.testing.assert_array_equal(enc.categories({S.COL_CATEGORY: [0, 3, 4, None]}, 4), [1, 4, 1, 0])
     items = enc.item_matrix({S.COL_CATEGORY: [2, 5, None]},
                             {"top_categories": [[2, 7], [2], [2]], "preferred_categories": [None, [], [5]]}, 3)
-    match_top, match_pref, mask_top, mask_pref = (items[:, 12 + j] for j in range(4))
+    base = 2 * len(ITEM_NUMERIC)  # values and masks of the numeric features come first
+    match_top, match_pref, mask_top, mask_pref = (items[:, base + j] for j in range(4))
     np.testing.assert_array_equal(match_top, [1, 0, 0])
     np.testing.assert_array_equal(mask_top, [0, 0, 1])  # an item without a category cannot match
     np.testing.assert_array_equal(match_pref, [0, 0, 0])
@@ -98,6 +104,56 @@ def test_examples_hold_positives_hard_and_random_negatives() -> None:
     default = sample_examples(cands, positives, {1: {20, 21}}, pd.Series({1: t0}), catalogue, ExampleConfig())
     assert default[default[COL_LABEL] == 1][S.COL_ITEM].tolist() == [11]  # retrieval missed 30: dropped
     assert set(default[default[COL_LABEL] == 0][S.COL_ITEM]) >= {10, 12, 13}  # every candidate (n_hard 150)
+
+
+def test_list_ndcg_by_hand() -> None:
+    # list 1: positive ranked 2nd -> 1/log2(3); list 2: positive first -> 1; list 3: no positive, skipped
+    scores = np.array([3.0, 2.0, 1.0, 5.0, 4.0, 1.0, 2.0])
+    labels = np.array([0, 1, 0, 1, 0, 0, 0])
+    groups = np.array([1, 1, 1, 2, 2, 3, 3])
+    assert list_ndcg(scores, labels, groups) == pytest.approx((1 / np.log2(3) + 1.0) / 2)
+    # rows: only the chosen rows are ranked (list 1 without its first row: the positive is first)
+    rows = np.array([False, True, True, True, True, True, True])
+    assert list_ndcg(scores, labels, groups, rows) == pytest.approx(1.0)
+
+
+def test_recent_similarity_by_hand() -> None:
+    from models.als import Factors
+    from models.ranker import recent_matrix, recent_similarity
+
+    factors = Factors(np.array([1], np.int64), np.ones((1, 2), np.float32), np.array([1, 2, 3], np.int64),
+                      np.array([[2, 0], [0, 3], [1, 1]], np.float32), datetime(2026, 1, 1, tzinfo=timezone.utc))
+    recent = recent_matrix([[1, 2], [1, 9], None, [2]])  # 9: no vector; None: no recent items
+    np.testing.assert_array_equal(recent[0], [1, 2, -1, -1, -1])
+    items = np.array([[1, 0], [1, 1], [1, 0], [0, 0]], np.float32)  # the last item has no vector
+    out = recent_similarity(items, recent, factors.item_vectors)
+    np.testing.assert_allclose(out[0], [1.0, 0.5], atol=1e-5)  # cosine 1 with item 1, 0 with item 2
+    np.testing.assert_allclose(out[1], [np.sqrt(0.5)] * 2, atol=1e-5)  # item 9 is left out
+    assert np.isnan(out[2]).all() and np.isnan(out[3]).all()
+
+
+def test_lists_are_padded_and_lists_without_a_positive_dropped() -> None:
+    inputs = {"x": np.arange(5, dtype=np.float32)[:, None]}
+    lists, targets = to_lists(inputs, np.array([0, 1, 0, 0, 0], np.float32), np.array([7, 7, 9, 7, 9]))
+    assert lists["x"].shape == (1, 3, 1)  # list 9 has no positive: dropped
+    np.testing.assert_array_equal(lists["x"][0, :, 0], [0, 1, 3])
+    np.testing.assert_array_equal(targets[0], [0, 1, 0])
+    _, padded = to_lists(inputs, np.array([0, 1, 1, 0, 0], np.float32), np.array([7, 7, 9, 7, 9]))
+    np.testing.assert_array_equal(padded[1], [1, 0, PAD_LABEL])  # list 9: two rows, padded to three
+
+
+def test_cross_validated_fit_exports_its_als_blend(tmp_path: Path) -> None:
+    frame, labels = tiny_frame()
+    config = RankerConfig(hidden=(8,), epochs=2, users_per_batch=4, cv_folds=3, blends=(0.0, 2.0))
+    result = fit_ranker_cv(frame, labels, 8, config, progress=False)
+    assert result.blend in (0.0, 2.0) and set(result.validation["blend_ndcg@10"]) == {"0.0", "2.0"}
+    folder = export_ranker(result, tmp_path / "ranker")
+    user, items, ids = _user_and_items(2)
+    served = load_scorer(folder).score(user, items, ids, np.zeros(len(ids)), {"timestamp": "2026-01-01T12:00Z"})
+    rows = frame[frame[S.COL_USER] == 2]
+    inputs = result.encoder.encode_frame(rows)  # one user: its list features are the endpoint's
+    expected = np.asarray(result.model(inputs, training=False)).reshape(-1) + result.blend * inputs["als_list"][:, 0]
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---- the SavedModel -----------------------------------------------------------------------------
@@ -146,6 +202,17 @@ def test_tiny_ranker_learns_the_hand_made_preference(tiny_ranker: Path) -> None:
     assert empty.shape == (0,)
 
 
+def test_exported_item_stats_fill_what_the_service_cannot_fetch(tiny_ranker: Path) -> None:
+    scorer = load_scorer(tiny_ranker)
+    filled = scorer.with_item_stats({"price": [1.0, 2.0, 3.0]}, np.array([2, 999, 1]))
+    assert filled["price"] == [1.0, 2.0, 3.0]
+    assert filled["item_events"][0] == 2.0 and np.isnan(filled["item_events"][1]) and filled["item_events"][2] == 1.0
+    assert filled["item_mean_rating"][0] == 3.5 and filled["item_positive_rate"][2] == 0.5
+    # a frame that carries its own statistics (training, evaluation) is left alone
+    own = {"item_events": [7.0], "item_mean_rating": [4.0], "item_positive_rate": [0.9]}
+    assert scorer.with_item_stats(own, np.array([2])) is own
+
+
 def test_scorer_handles_missing_features(tiny_ranker: Path) -> None:
     scorer = load_scorer(tiny_ranker)
     items = {"category_id": [None, 1], "price": [None, None], "item_embedding": [None, [0.0] * 3]}
@@ -189,7 +256,7 @@ def test_training_frame_never_holds_a_value_stamped_after_its_label(feature_ws: 
 # ---- quality on ML-100K ---------------------------------------------------------------------------
 
 
-# The two-stage run on ML-100K takes about 10 minutes on 2 cores (its own feature store, Feast
+# The two-stage run on ML-100K takes 10 to 25 minutes on 2 cores (its own feature store, Feast
 # point-in-time joins, the ranker fit): too long for every CI run. `make test-slow` runs it.
 RUN_TWO_STAGE = os.environ.get("RECSYS_RUN_TWO_STAGE") == "1"
 
@@ -197,7 +264,7 @@ RUN_TWO_STAGE = os.environ.get("RECSYS_RUN_TWO_STAGE") == "1"
 @pytest.fixture(scope="module")
 def ml100k_report(ml100k_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not RUN_TWO_STAGE:
-        pytest.skip("two-stage ML-100K evaluation (~10 min): set RECSYS_RUN_TWO_STAGE=1 or run `make test-slow`")
+        pytest.skip("two-stage ML-100K evaluation (10-25 min): set RECSYS_RUN_TWO_STAGE=1 or run `make test-slow`")
     from models.evaluate import EvaluationConfig, run_evaluation
     from models.ranker_train import two_stage
 
@@ -206,17 +273,19 @@ def ml100k_report(ml100k_path: Path, tmp_path_factory: pytest.TempPathFactory) -
                           two_stage=lambda ctx: two_stage(ctx, progress=False))
 
 
-@pytest.mark.slow
-def test_two_stage_stays_within_a_point_of_als_on_ml100k(ml100k_report: dict) -> None:
-    # measured 0.171 vs 0.177; the absolute goal (0.170) is met by a hair, so the guard is relative
-    assert ml100k_report["two_stage_ndcg@10"] >= ml100k_report["als_ndcg@10"] - 0.01
+def _headline(report: dict) -> str:
+    return ", ".join(f"{k} {report[k]:.4f}" for k in ("two_stage_ndcg@10", "als_ndcg@10", "two_stage_recall@10",
+                                                        "als_recall@10"))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="measured: two-stage ndcg@10 0.171 vs Spark ALS alone 0.177 on this split (default "
-                          "ALS config); the ranker does not beat ALS yet", strict=False)
+@pytest.mark.timeout(2700)  # ~10 min on 2 idle cores, 25 min on shared ones: the suite's 900 s is for the rest
 def test_two_stage_beats_als_alone_on_ml100k(ml100k_report: dict) -> None:
-    assert ml100k_report["two_stage_ndcg@10"] > ml100k_report["als_ndcg@10"]
+    # the goal: re-ranking ALS's candidates beats ALS alone on the same split, and
+    # reaches 0.170 (measured 0.19 vs 0.177 with the default ALS config: README, Ranker)
+    print(_headline(ml100k_report))
+    assert ml100k_report["two_stage_ndcg@10"] > ml100k_report["als_ndcg@10"], _headline(ml100k_report)
+    assert ml100k_report["two_stage_ndcg@10"] >= 0.170, _headline(ml100k_report)
 
 
 # ---- `recsys train ranker` end to end: real Spark, Feast, MLflow server, BentoML store ------------
