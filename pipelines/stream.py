@@ -15,7 +15,8 @@ One micro-batch (up to ``batch_events`` events or ``batch_ms`` of waiting):
    event, and the trending counts.
 
 In the background, every ``offline_flush_s`` or ``offline_batch_rows``, the outboxes are appended
-to the offline store through the same push source (a Spark job, so in large batches) and trimmed;
+to the offline store through the same push source (a Spark job, so in large batches, run by a
+separate flush process so that it never holds the consumer's GIL) and trimmed;
 only then are the Kafka offsets that those outbox entries cover committed (after the dead letters
 are flushed). So a committed offset always means: online written, offline appended.
 
@@ -42,12 +43,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import multiprocessing
+import os
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -497,8 +500,11 @@ class StreamProcessor:
         self._stop = threading.Event()
         #: set once the group has assigned partitions to this consumer
         self.assigned = threading.Event()
-        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline-flush")
-        self._flush: Future[dict[int, int]] | None = None
+        # The offline append runs in its own process: Spark's start-up and the pandas -> Spark
+        # conversion of 100,000 rows held this process's GIL for seconds (freshness p99 1.75 s at
+        # 5,000 events/s, 0.23 s without it, measured side by side)
+        self._flusher: ProcessPoolExecutor | None = None
+        self._flush: Future[OfflineFlush] | None = None
         self._pending_rows = 0
         self._flush_due = False
         self._last_flush = time.monotonic()
@@ -507,7 +513,6 @@ class StreamProcessor:
         self._last_publish = 0.0
         self._last_lag = 0.0
         self._last_report = (time.monotonic(), 0)
-        self._offline_store: FeatureStore | None = None
         self._states: dict[int, UserState] = {}  # the state cache, least recently used first
         self.consumer: Any = None
 
@@ -583,8 +588,10 @@ class StreamProcessor:
             if self._trending_dirty and self._watermark_us is not None:
                 trending.publish(self.redis, self._watermark_us, self.options.trending)
         finally:
-            self._flusher.shutdown(wait=True)
-            self.consumer.close(autocommit=False)
+            self.consumer.close(autocommit=False)  # may still revoke partitions, which flushes them
+            if self._flusher is not None:
+                self._flusher.shutdown(wait=True)
+                self._flusher = None  # a later run() starts a new flush process
             self.dlq.close()
             if self._server is not None:
                 self._server.shutdown()
@@ -823,8 +830,14 @@ class StreamProcessor:
             self._update_lag()
             self._last_lag = now
 
+    def _submit_flush(self, partitions: list[int]) -> Future[OfflineFlush]:
+        if self._flusher is None:
+            self._flusher = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_exit_with_parent, initargs=(os.getpid(),))
+        return self._flusher.submit(flush_outboxes, self.settings, self.topic, self.state.topic_id, partitions)
+
     def _start_flush(self) -> None:
-        self._flush = self._flusher.submit(self._flush_offline, self._partitions())
+        self._flush = self._submit_flush(self._partitions())
         self._pending_rows = 0
         self._flush_due = False
         self._last_flush = time.monotonic()
@@ -832,24 +845,18 @@ class StreamProcessor:
     def _finish_flush(self) -> None:
         if self._flush is not None:
             future, self._flush = self._flush, None
-            self._commit(future.result())
+            self._commit(self._account_flush(future.result()))
 
     def _flush_offline(self, partitions: list[int]) -> dict[int, int]:
-        """Append the outboxes of ``partitions`` offline; returns the offsets now safe to commit."""
-        from pipelines.feature_store import get_store, push_user_realtime
+        """Append the outboxes of ``partitions`` offline now; returns the offsets safe to commit."""
+        return self._account_flush(self._submit_flush(partitions).result())
 
-        entries = {p: self.state.read_outbox(p) for p in partitions}
-        rows = [row for _, _, part in entries.values() for row in part]
-        if rows:
-            if self._offline_store is None:
-                self._offline_store = get_store(self.settings)
-            store = self._offline_store
-            self._timed("offline", lambda: self._retry(
-                "offline append", lambda: push_user_realtime(store, rows_frame(rows), online=False, offline=True)))
-            self.stats.rows_offline += len(rows)
-            log.info("offline append rows=%d partitions=%s", len(rows), partitions)
-        self.state.trim_outbox({p: n for p, (n, _, _) in entries.items() if n})
-        return {p: last + 1 for p, (n, last, _) in entries.items() if n and last is not None}
+    def _account_flush(self, done: OfflineFlush) -> dict[int, int]:
+        if done.rows:
+            self.metrics.push_seconds.labels("offline").observe(done.seconds)
+            self.stats.rows_offline += done.rows
+            log.info("offline append rows=%d partitions=%s", done.rows, done.partitions)
+        return done.offsets
 
     def _commit(self, offsets: dict[int, int]) -> None:
         """Commit after the dead letters of those offsets are safely in their topic."""
@@ -910,17 +917,70 @@ class StreamProcessor:
         return result
 
     def _retry(self, what: str, action: Callable[[], _T]) -> _T:
-        """Retry a write on infrastructure errors with backoff; a stop request ends the retries."""
-        delay = 0.2
-        while True:
-            try:
-                return action()
-            except (redis.RedisError, OSError, ConnectionError) as exc:
-                if self._stop.is_set():
-                    raise
-                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        return retry_io(what, action, self._stop.is_set)
+
+
+def retry_io(what: str, action: Callable[[], _T], give_up: Callable[[], bool] = lambda: False) -> _T:
+    """Retry a write on infrastructure errors with backoff, until it succeeds or ``give_up()``."""
+    delay = 0.2
+    while True:
+        try:
+            return action()
+        except (redis.RedisError, OSError, ConnectionError) as exc:
+            if give_up():
+                raise
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+# ---- the offline append, in its own process ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OfflineFlush:
+    partitions: list[int]
+    offsets: dict[int, int]  # per partition, the offset now safe to commit
+    rows: int
+    seconds: float
+
+
+#: the flush process's feature store, made on its first flush (Spark starts once per process)
+_FLUSH_STORES: dict[str, FeatureStore] = {}
+#: a flush retries a down Redis or Spark this long, then fails (the consumer then stops uncommitted)
+FLUSH_RETRY_S = 300.0
+
+
+def flush_outboxes(settings: Settings, topic: str, topic_id: str, partitions: list[int]) -> OfflineFlush:
+    """Append the outboxes of ``partitions`` to the offline store through the push source, then
+    trim them; runs in the consumer's flush process. Returns the offsets safe to commit."""
+    from pipelines.feature_store import get_store, push_user_realtime
+
+    started = time.perf_counter()
+    state = StateStore(redis.Redis.from_url(settings.effective_redis_url), settings.feast_project, topic, topic_id)
+    entries = {p: state.read_outbox(p) for p in partitions}
+    rows = [row for _, _, part in entries.values() for row in part]
+    if rows:
+        store = _FLUSH_STORES.get(settings.feast_project)
+        if store is None:
+            store = _FLUSH_STORES[settings.feast_project] = get_store(settings)
+        deadline = time.monotonic() + FLUSH_RETRY_S
+        retry_io("offline append", lambda: push_user_realtime(store, rows_frame(rows), online=False, offline=True),
+                 lambda: time.monotonic() > deadline)
+    state.trim_outbox({p: n for p, (n, _, _) in entries.items() if n})
+    return OfflineFlush(partitions, {p: last + 1 for p, (n, last, _) in entries.items() if n and last is not None},
+                        len(rows), time.perf_counter() - started)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Flush-process initializer: exit when the consumer is gone (a SIGKILL leaves no orphan)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def _rebalance_listener() -> type:
