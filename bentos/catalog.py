@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 
+from models._util import positions
 from recsys import feature_tables as T
 from recsys import schema as S
 
@@ -103,11 +104,7 @@ class ItemCatalog:
 
     def _positions(self, item_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row of each id in the sorted id array, and whether the id is in the catalogue at all."""
-        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
-        if not len(self._ids):
-            return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
-        pos = np.minimum(np.searchsorted(self._ids, ids), len(self._ids) - 1)
-        return pos, self._ids[pos] == ids
+        return positions(self._ids, np.asarray(item_ids, dtype=np.int64).reshape(-1))
 
     def rule_values(self, item_ids: Sequence[int]) -> dict[str, np.ndarray]:
         """category_id, inventory, margin, quality_score per item as floats, NaN when unknown."""

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from models._util import replace_dir
+from models._util import positions, replace_dir
 from recsys import schema as S
 
 if TYPE_CHECKING:
@@ -680,9 +680,7 @@ class RankerScorer:
         missing = [name for name, _ in ITEM_STATS if name not in items]
         if not missing or not self._stats:
             return items
-        ids = np.asarray(item_ids, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self._stats_ids, ids), max(len(self._stats_ids) - 1, 0))
-        found = self._stats_ids[pos] == ids if len(self._stats_ids) else np.zeros(len(ids), bool)
+        pos, found = positions(self._stats_ids, np.asarray(item_ids, dtype=np.int64))
         return {**items, **{name: np.where(found, self._stats[name][pos], np.nan).tolist() for name in missing}}
 
     def inputs(self, user: Mapping[str, Any], items: Mapping[str, Sequence[Any]], n: int,

@@ -31,7 +31,6 @@ goes through Feast's LocalComputeEngine unchanged.
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections.abc import Callable, Sequence
 from itertools import chain, repeat
@@ -46,7 +45,6 @@ from feast.infra.compute_engines.local.compute import LocalComputeEngine
 from feast.infra.compute_engines.local.feature_builder import LocalFeatureBuilder
 from feast.infra.compute_engines.local.job import LocalMaterializationJob
 from feast.infra.compute_engines.utils import ENTITY_TS_ALIAS
-from feast.infra.key_encoding_utils import serialize_entity_key_prefix
 from feast.infra.online_stores.helpers import _mmh3
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisType, _versioned_fv_name
 from feast.infra.registry.base_registry import BaseRegistry
@@ -58,6 +56,8 @@ from feast.utils import _coerce_datetime, _validate_vector_field_lengths, make_t
 from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import StrictInt, StrictStr
+
+from pipelines.online_features import int64_key_prefix
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +494,7 @@ class _ViewWriter:
         self.join_key = entity.name
         self.timestamp_field = view.batch_source.timestamp_field
         self.features = [(f.name, f.dtype.to_value_type()) for f in view.features]
-        prefix = serialize_entity_key_prefix([entity.name], 3) + struct.pack("<II", ValueType.INT64.value, 8)
+        prefix = int64_key_prefix(entity.name, config.entity_key_serialization_version)
         self.prefix = np.frombuffer(prefix, dtype=np.uint8)
         self.project = np.frombuffer(config.project.encode(), dtype=np.uint8)
         self.ts_field = _bulk(f"_ts:{name}".encode())

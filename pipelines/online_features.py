@@ -31,6 +31,7 @@ import numpy as np
 import redis
 from feast.infra.key_encoding_utils import serialize_entity_key_prefix
 from feast.infra.online_stores.helpers import _mmh3
+from feast.infra.online_stores.redis import _versioned_fv_name
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.protos.feast.types.Value_pb2 import ValueType
 from feast.type_map import feast_value_type_to_python_type
@@ -57,6 +58,14 @@ _TAG_DOUBLE = 0x29  # double_val = 5, fixed64
 _TAG_FLOAT = 0x35  # float_val = 6, fixed32
 _TAG_TS = 0x40  # unix_timestamp_val = 8, varint
 _FLOAT_LIST = b"\x82\x01"  # float_list_val = 16, length-delimited; inside, val = 1 packed (0x0a)
+
+
+def int64_key_prefix(join_key: str, serialization_version: int = 3) -> bytes:
+    """Feast's Redis key of an int64 entity up to its id: the key is ``prefix + <q id> + project``.
+
+    The one definition the reader, the materialization engine and the stream's writer share.
+    """
+    return serialize_entity_key_prefix([join_key], serialization_version) + _INT64_HEADER
 
 
 def decode_value(raw: bytes | None) -> Any:
@@ -398,9 +407,10 @@ class OnlineFeatureReader:
             unknown = [f for f in features if f not in known]
             if unknown:
                 raise ValueError(f"view {view_name!r} has no features {unknown}: it has {sorted(known)}")
-            plans.append(_ViewPlan(view_name, tuple(features), tuple(_mmh3(f"{view_name}:{f}") for f in features),
+            stored_as = _versioned_fv_name(view, store.config)  # the name Feast's Redis writer hashes
+            plans.append(_ViewPlan(view_name, tuple(features), tuple(_mmh3(f"{stored_as}:{f}") for f in features),
                                    tuple(known[f] for f in features)))
-        prefix = serialize_entity_key_prefix([join_key], 3) + _INT64_HEADER
+        prefix = int64_key_prefix(join_key, store.config.entity_key_serialization_version)
         return _EntityPlan(join_key, prefix, project, tuple(plans))
 
     def _round_trip(self, commands: list[bytes]) -> list[list[Raw]]:

@@ -62,6 +62,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import redis
 
+from models._util import positions
 from pipelines import trending
 from pipelines.events import decode_batch
 from pipelines.realtime_rules import LATE_REASON, DedupeWindow, Event, Outcome, UserState
@@ -175,10 +176,8 @@ class ItemCatalogue:
 
     def categories(self, item_ids: np.ndarray) -> np.ndarray:
         """The category of each item; -1 for an item outside the catalogue."""
-        if len(self.known_items) == 0:
-            return np.full(len(item_ids), -1, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.known_items, item_ids), 0, len(self.known_items) - 1)
-        return np.where(self.known_items[pos] == item_ids, self._categories[pos], -1)
+        pos, known = positions(self.known_items, item_ids)
+        return np.where(known, self._categories[pos], -1) if len(self.known_items) else np.full(len(pos), -1)
 
 
 # ---- the state kept in Redis --------------------------------------------------------------------------
@@ -237,6 +236,7 @@ class OnlineRowWriter:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
+        from pipelines.online_features import int64_key_prefix
         from pipelines.realtime_rules import FEATURES
 
         self.store = store
@@ -258,9 +258,8 @@ class OnlineRowWriter:
             return _redis_key(config.project, key, entity_key_serialization_version=version)
 
         # Feast's key for an int64 entity: a header, the id as 8 little-endian bytes, the project
-        probe = feast_key(0)
+        head = int64_key_prefix(S.COL_USER, config.entity_key_serialization_version)
         tail = config.project.encode()
-        head = probe[: len(probe) - len(tail) - 8]
         pack = struct.Struct("<q").pack
         if all(feast_key(u) == head + pack(u) + tail for u in (0, 1, 42, 2**40 + 7, -3)):
             self.key: Callable[[int], bytes] = lambda user: head + pack(user) + tail
