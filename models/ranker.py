@@ -170,9 +170,10 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, (list, tuple, np.ndarray))
 
 
-def _context(timestamps: Sequence[Any]) -> np.ndarray:
+def _context(timestamps: Sequence[Any] | pd.Series) -> np.ndarray:
     """(n, 4): hour of day and day of week as sin/cos; missing times give zeros."""
-    ts = pd.to_datetime(pd.Series(list(timestamps)), utc=True, errors="coerce")
+    series = timestamps if isinstance(timestamps, pd.Series) else pd.Series(list(timestamps))
+    ts = pd.to_datetime(series.reset_index(drop=True), utc=True, errors="coerce")
     hour = (ts.dt.hour + ts.dt.minute / 60.0).to_numpy(dtype=np.float64)
     day = ts.dt.dayofweek.to_numpy(dtype=np.float64)
     out = np.stack([np.sin(2 * math.pi * hour / 24), np.cos(2 * math.pi * hour / 24),
@@ -226,11 +227,23 @@ def list_features(dot: np.ndarray, groups: np.ndarray, reference: np.ndarray | N
     dot = np.asarray(dot, dtype=np.float32)
     reference = np.ones(len(dot), bool) if reference is None else np.asarray(reference, bool)
     out = np.zeros((len(dot), N_LIST), dtype=np.float32)
-    for group in np.unique(groups):
-        rows = groups == group
-        ref = dot[rows & reference] if (rows & reference).any() else dot[rows]
-        out[rows, 0] = (dot[rows] - ref.mean()) / (ref.std() + np.float32(1e-6))
-        out[rows, 1] = dot[rows] - ref.max()
+    if not len(dot):
+        return out
+    # one pass per statistic over all groups (bincount), not one mask over all rows per group:
+    # the latter is O(rows x groups), minutes for a training frame of a few thousand lists
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    group = group.reshape(-1)
+    n_groups = int(group.max()) + 1
+    has_reference = np.bincount(group, weights=reference, minlength=n_groups) > 0
+    used = reference | ~has_reference[group]  # a group without reference rows uses all of its rows
+    count = np.bincount(group, weights=used, minlength=n_groups)
+    mean = np.bincount(group, weights=np.where(used, dot, 0.0), minlength=n_groups) / count
+    centred = dot - mean[group]
+    std = np.sqrt(np.bincount(group, weights=np.where(used, centred * centred, 0.0), minlength=n_groups) / count)
+    best = np.full(n_groups, -np.inf)
+    np.maximum.at(best, group[used], dot[used])
+    out[:, 0] = centred / (std[group] + 1e-6)
+    out[:, 1] = dot - best[group]
     return out
 
 
@@ -280,7 +293,7 @@ class FeatureEncoder:
             masks.append(missing.astype(np.float64))
         return np.stack(values + masks, axis=1)
 
-    def user_matrix(self, cols: Mapping[str, Any], timestamps: Sequence[Any], n: int) -> np.ndarray:
+    def user_matrix(self, cols: Mapping[str, Any], timestamps: Sequence[Any] | pd.Series, n: int) -> np.ndarray:
         """(n, user_dim): standardised values, their masks, has-ALS-vector, context."""
         has_vector = np.array([_is_list(v) and len(v) == self.rank for v in _column(cols, USER_EMBEDDING, n)])
         return np.concatenate([self._numeric(cols, USER_NUMERIC, self.user_means, self.user_stds, n),
@@ -313,9 +326,10 @@ class FeatureEncoder:
     def embeddings(self, values: Sequence[Any], n: int) -> np.ndarray:
         """(n, rank) float32; a missing vector (or one of the wrong size) is all zeros."""
         out = np.zeros((n, self.rank), dtype=np.float32)
-        for row, value in enumerate(values):
-            if _is_list(value) and len(value) == self.rank:
-                out[row] = np.asarray(value, dtype=np.float32)
+        values = list(values)
+        rows = [row for row, value in enumerate(values) if _is_list(value) and len(value) == self.rank]
+        if rows:  # one C-level stack, not a row-by-row copy
+            out[rows] = np.stack([np.asarray(values[row], dtype=np.float32) for row in rows])
         return out
 
     def encode_frame(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -328,7 +342,7 @@ class FeatureEncoder:
         reference = frame[COL_RETRIEVED].to_numpy(bool) if COL_RETRIEVED in frame else None
         return {
             "als_list": list_features((user_vec * item_vec).sum(axis=1), list_ids(frame), reference),
-            "user": self.user_matrix(cols, frame[S.COL_TS].tolist(), n),
+            "user": self.user_matrix(cols, frame[S.COL_TS], n),
             "item": self.item_matrix(cols, lists, n),
             "item_category": self.categories(cols, n),
             "user_embedding": user_vec,
@@ -436,40 +450,81 @@ class FitResult:
     validation: dict[str, Any] = field(default_factory=dict)
 
 
-def _device_setup_name() -> str:
-    import tensorflow as tf
+def gpu_visible() -> bool:
+    """Whether the active Keras backend sees a GPU. TensorFlow is the production backend (the
+    export is a SavedModel); the network and its training loop run on any Keras 3 backend, which
+    is how the GPU path is checked on a machine that has JAX or PyTorch but no TensorFlow build."""
+    import keras
 
-    return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    if backend == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
+
+
+def _device_setup_name() -> str:
+    return "GPU" if gpu_visible() else "CPU"
 
 
 def _device_setup(config: RankerConfig) -> tuple[str, int, str]:
     """(device, batch size, previous Keras dtype policy): a visible GPU gets mixed precision and
     a larger batch; the CPU runs the same code in float32."""
     import keras
-    import tensorflow as tf
 
     previous = keras.mixed_precision.dtype_policy().name
-    if tf.config.list_physical_devices("GPU"):
+    if gpu_visible():
         keras.mixed_precision.set_global_policy("mixed_float16")
         return "GPU", config.batch_size * config.gpu_batch_multiplier, previous
     return "CPU", config.batch_size, previous
 
 
+def _train(trainer: Any, examples: tuple[Any, np.ndarray], batch_size: int, cfg: RankerConfig,
+           progress: bool, callbacks: Sequence[Any] = ()) -> Any:
+    """``trainer.fit`` on shuffled batches: a ``tf.data`` pipeline (shuffle, batch, prefetch) under
+    TensorFlow; under another Keras backend, Keras' own array batching, reshuffled every epoch."""
+    import keras
+
+    verbose = 1 if progress else 0
+    if keras.config.backend() != "tensorflow":
+        return trainer.fit(examples[0], examples[1], batch_size=batch_size, epochs=cfg.epochs, shuffle=True,
+                           verbose=verbose, callbacks=list(callbacks))
+    import tensorflow as tf
+
+    data = (tf.data.Dataset.from_tensor_slices(examples)
+            .shuffle(len(examples[1]), seed=cfg.seed, reshuffle_each_iteration=True)
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    return trainer.fit(data, epochs=cfg.epochs, shuffle=False, verbose=verbose,  # tf.data shuffles
+                       callbacks=list(callbacks))
+
+
 def fit_ranker(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: RankerConfig | None = None,
-               progress: bool = True, encoder: FeatureEncoder | None = None, name: str = "ranker") -> FitResult:
+               progress: bool = True, encoder: FeatureEncoder | None = None, name: str = "ranker",
+               callbacks: Sequence[Any] = (), inputs: Mapping[str, np.ndarray] | None = None) -> FitResult:
     """Train on a training frame (features, short names, ``event_timestamp``, embeddings) and
     binary ``labels`` aligned with it: listwise over each ``user_id``'s rows (the default) or
-    binary cross-entropy per row (``config.loss``)."""
+    binary cross-entropy per row (``config.loss``). ``callbacks``: Keras callbacks for ``fit``;
+    ``inputs``: ``encoder.encode_frame(frame)`` when the caller has it already."""
     import keras
-    import tensorflow as tf
 
     cfg = config or RankerConfig()
     labels = np.asarray(labels, dtype=np.float32)
     if len(labels) != len(frame) or len(frame) == 0:
         raise ValueError(f"{len(frame)} frame rows and {len(labels)} labels: pass one label per row, at least one")
+    if inputs is not None and encoder is None:
+        raise ValueError("inputs were given without the encoder that made them: pass encoder= too")
     keras.utils.set_random_seed(cfg.seed)
     encoder = encoder or FeatureEncoder.fit(frame, rank, cfg.category_buckets)
-    inputs = encoder.encode_frame(frame)
+    inputs = dict(inputs) if inputs is not None else encoder.encode_frame(frame)
     device, batch_size, previous = _device_setup(cfg)
     try:
         model = build_model(encoder, cfg, name)
@@ -481,12 +536,9 @@ def fit_ranker(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: Ranke
         else:
             trainer, loss, examples = model, keras.losses.BinaryCrossentropy(from_logits=True), (inputs, labels)
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
-        data = (tf.data.Dataset.from_tensor_slices(examples)
-                .shuffle(len(examples[1]), seed=cfg.seed, reshuffle_each_iteration=True)
-                .batch(batch_size).prefetch(tf.data.AUTOTUNE))
         log.info("ranker: %d rows (%d positive) on %s, %s loss, batch %d", len(labels), int(labels.sum()), device,
                  cfg.loss, batch_size)
-        history = trainer.fit(data, epochs=cfg.epochs, shuffle=False, verbose=1 if progress else 0)  # tf.data shuffles
+        history = _train(trainer, examples, batch_size, cfg, progress, callbacks)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     return FitResult(model, encoder, cfg, {k: [float(v) for v in vs] for k, vs in history.history.items()},
@@ -494,7 +546,7 @@ def fit_ranker(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: Ranke
 
 
 def fit_ranker_cv(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: RankerConfig | None = None,
-                  progress: bool = True) -> FitResult:
+                  progress: bool = True, callbacks: Sequence[Any] = ()) -> FitResult:
     """:func:`fit_ranker` on ``config.cv_folds`` folds of the label users, each scored on the
     users it did not see; the returned model is the mean of the fold models
     (:func:`average_model`) and its ``blend`` the ALS weight (among ``config.blends``) with the
@@ -503,8 +555,11 @@ def fit_ranker_cv(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: Ra
     cfg = config or RankerConfig()
     labels = np.asarray(labels, dtype=np.float32)
     if cfg.cv_folds == 1:
-        return fit_ranker(frame, labels, rank, cfg, progress)
+        return fit_ranker(frame, labels, rank, cfg, progress, callbacks=callbacks)
     encoder = FeatureEncoder.fit(frame, rank, cfg.category_buckets)  # unsupervised: shared by the folds
+    # encoded once: a list's rows are all in one fold (folds split users), so a fold's rows of
+    # the whole frame's encoding equal the encoding of the fold's own frame
+    encoded = encoder.encode_frame(frame)
     users = frame[S.COL_USER].to_numpy()
     unique = np.unique(users)
     np.random.default_rng(cfg.seed).shuffle(unique)
@@ -514,14 +569,15 @@ def fit_ranker_cv(frame: pd.DataFrame, labels: np.ndarray, rank: int, config: Ra
     for fold, held in enumerate(np.array_split(unique, cfg.cv_folds)):
         out = np.isin(users, held)
         fitted = fit_ranker(frame[~out].reset_index(drop=True), labels[~out], rank, replace(cfg, seed=cfg.seed + fold),
-                            progress, encoder, name=f"ranker_fold{fold}")  # unique names: one bagged model
-        inputs = encoder.encode_frame(frame[out].reset_index(drop=True))
-        held_logits[out] = np.asarray(fitted.model.predict(inputs, batch_size=4096, verbose=0)).reshape(-1)
+                            progress, encoder, name=f"ranker_fold{fold}", callbacks=callbacks,  # unique names: one bag
+                            inputs={k: v[~out] for k, v in encoded.items()})
+        held_inputs = {k: v[out] for k, v in encoded.items()}
+        held_logits[out] = np.asarray(fitted.model.predict(held_inputs, batch_size=4096, verbose=0)).reshape(-1)
         members.append(fitted.model)
         history |= {f"fold{fold}_{k}": v for k, v in fitted.history.items()}
     # "loss": the folds' mean per epoch, as a single fit reports it
     history["loss"] = np.mean([history[f"fold{f}_loss"] for f in range(cfg.cv_folds)], axis=0).tolist()
-    z = encoder.encode_frame(frame)["als_list"][:, 0]
+    z = encoded["als_list"][:, 0]
     retrieved = frame[COL_RETRIEVED].to_numpy(bool) if COL_RETRIEVED in frame else np.ones(len(frame), bool)
     lists = list_ids(frame)
     trials = {float(b): list_ndcg(held_logits + b * z, labels, lists, retrieved) for b in cfg.blends}

@@ -79,9 +79,16 @@ class ExampleConfig:
     #: Label windows: 1 = the last 20% of each user's training events; each further window is
     #: the last 20% of what precedes the previous one (its own earlier ALS), for more lists.
     windows: int = 1
+    #: Label users per window, drawn at random (seeded) when more have a positive; None = all.
+    #: The fixed costs (the label ALS, the Feast join, the cross-validated fit) grow with the
+    #: rows, about 160 per user: the cap keeps a large catalogue's training within minutes,
+    #: and ML-100K's ~900 label users are all kept.
+    max_users: int | None = 2_000
     seed: int = 42
 
     def __post_init__(self) -> None:
+        if self.max_users is not None and self.max_users < 1:
+            raise ValueError(f"max_users={self.max_users} must be >= 1 (or None for every label user)")
         if self.n_hard < 0 or self.n_random < 0:
             raise ValueError(f"n_hard={self.n_hard} and n_random={self.n_random} must be >= 0")
         if not 1 <= self.windows <= MAX_WINDOWS:
@@ -99,6 +106,18 @@ def first_times(events: DataFrame) -> pd.Series:
 
     rows = events.groupBy(S.COL_USER).agg(F.min(S.COL_TS).alias(S.COL_TS)).toPandas()
     return pd.Series(pd.to_datetime(rows[S.COL_TS], utc=True).to_numpy(), index=rows[S.COL_USER].astype(np.int64))
+
+
+def sample_label_users(positives: pd.DataFrame, max_users: int | None,
+                       seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """The label users (those with a positive), sorted, and their positives: all of them, or
+    ``max_users`` drawn without replacement (seeded) when there are more."""
+    users = np.unique(positives[S.COL_USER].to_numpy()).astype(np.int64)
+    if max_users is None or len(users) <= max_users:
+        return users, positives
+    log.info("%d of %d label users sampled (ExampleConfig.max_users)", max_users, len(users))
+    users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    return users, positives[positives[S.COL_USER].isin(users)]
 
 
 def sample_examples(candidates: dict[int, Candidates], positives: pd.DataFrame, seen: dict[int, set[int]],
@@ -268,7 +287,7 @@ def label_window(events: DataFrame, items: DataFrame, catalogue: np.ndarray, fea
     labels.unpersist()
     index = RetrievalIndex.build(factors)
     recent, seen = history(fit_rows, ex.candidates.max_recent)
-    users = np.unique(positives[S.COL_USER].to_numpy()).astype(np.int64)
+    users, positives = sample_label_users(positives, ex.max_users, ex.seed + window)
     candidates = generate_candidates_batch(index, factors, users, recent, seen, ex.candidates, progress=progress)
     entity = sample_examples(candidates, positives, seen, label_time, catalogue, ex)
     frame = feature_frame(entity, feature_settings, factors, ex.feature_service, stats)

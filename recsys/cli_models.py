@@ -62,6 +62,8 @@ def train_ranker_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size on CPU (x4 on a GPU).")] = 512,
     n_hard: Annotated[int, typer.Option(min=0, help="Hard negatives per user (retrieval candidates).")] = 150,
     n_random: Annotated[int, typer.Option(min=0, help="Random negatives per user.")] = 10,
+    max_users: Annotated[int, typer.Option(
+        min=0, help="Label users sampled per window when more have a positive (0: all of them).")] = 2_000,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: data/models/<dataset>/ranker).")] = None,
     track: TrackToStores = True,
     bentoml_home: BentomlHome = None,
@@ -74,9 +76,9 @@ def train_ranker_cmd(
 
     settings = settings_of(ctx)
     try:
+        examples = ExampleConfig(n_hard=n_hard, n_random=n_random, max_users=max_users or None)
         result = train_ranker(settings, RankerConfig(**({"epochs": epochs} if epochs else {}), batch_size=batch_size),
-                              ExampleConfig(n_hard=n_hard, n_random=n_random), out=out, track=track,
-                              bentoml_home=bentoml_home)
+                              examples, out=out, track=track, bentoml_home=bentoml_home)
     except (ValueError, DatasetError, FeatureStoreError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from exc
     fit = result.training.fit

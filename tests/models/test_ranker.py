@@ -24,13 +24,14 @@ from models.ranker import (
     export_ranker,
     fit_ranker,
     fit_ranker_cv,
+    list_features,
     list_ndcg,
     load_scorer,
     tiny_frame,
     to_lists,
     train_tiny_ranker,
 )
-from models.ranker_train import COL_LABEL, ExampleConfig, sample_examples
+from models.ranker_train import COL_LABEL, ExampleConfig, sample_examples, sample_label_users
 from models.retrieval import Candidates
 from recsys import schema as S
 from recsys.config import Settings
@@ -59,6 +60,23 @@ def test_config_rejects_invalid_values_by_name() -> None:
         RankerConfig(dropout=1.0)
     with pytest.raises(ValueError, match="n_hard=0 and n_random=0"):
         ExampleConfig(n_hard=0, n_random=0)
+    with pytest.raises(ValueError, match="max_users=0"):
+        ExampleConfig(max_users=0)
+
+
+def test_label_users_are_capped_by_a_seeded_sample() -> None:
+    # users 1..5 with positives (user 3 twice): a cap of 2 keeps 2 of them and only their rows
+    positives = pd.DataFrame({S.COL_USER: [1, 2, 3, 3, 4, 5], S.COL_ITEM: [10, 20, 30, 31, 40, 50]})
+    users, kept = sample_label_users(positives, 2, seed=7)
+    assert len(users) == 2 and set(users) <= {1, 2, 3, 4, 5} and list(users) == sorted(users)
+    assert set(kept[S.COL_USER]) == set(users) and len(kept) == positives[S.COL_USER].isin(users).sum()
+    again, _ = sample_label_users(positives, 2, seed=7)
+    np.testing.assert_array_equal(users, again)  # the same seed draws the same users
+    # no cap, or a cap above the count: every user and every positive
+    for cap in (None, 5, 100):
+        every, rows = sample_label_users(positives, cap, seed=7)
+        np.testing.assert_array_equal(every, [1, 2, 3, 4, 5])
+        assert len(rows) == 6
 
 
 def test_encoder_imputes_masks_and_buckets_by_hand() -> None:
@@ -106,6 +124,20 @@ def test_examples_hold_positives_hard_and_random_negatives() -> None:
     assert set(default[default[COL_LABEL] == 0][S.COL_ITEM]) >= {10, 12, 13}  # every candidate (n_hard 150)
 
 
+def test_list_features_by_hand() -> None:
+    # list 7: reference rows 1, 2 (mean 1.5, std 0.5, best 2), so z = -1, 1, 3 and gaps -1, 0, 1;
+    # list 9 has no reference row, so its own rows are the reference: z 0, gap 0
+    out = list_features(np.array([1.0, 2.0, 3.0, 10.0]), np.array([7, 7, 7, 9]), np.array([True, True, False, False]))
+    np.testing.assert_allclose(out, [[-1, -1], [1, 0], [3, 1], [0, 0]], atol=1e-5)
+    assert out.dtype == np.float32 and list_features(np.array([]), np.array([])).shape == (0, 2)
+
+
+def test_fit_rejects_inputs_without_their_encoder() -> None:
+    frame, labels = tiny_frame()
+    with pytest.raises(ValueError, match="without the encoder"):
+        fit_ranker(frame, labels, 8, inputs={})
+
+
 def test_list_ndcg_by_hand() -> None:
     # list 1: positive ranked 2nd -> 1/log2(3); list 2: positive first -> 1; list 3: no positive, skipped
     scores = np.array([3.0, 2.0, 1.0, 5.0, 4.0, 1.0, 2.0])
@@ -140,6 +172,29 @@ def test_lists_are_padded_and_lists_without_a_positive_dropped() -> None:
     np.testing.assert_array_equal(targets[0], [0, 1, 0])
     _, padded = to_lists(inputs, np.array([0, 1, 1, 0, 0], np.float32), np.array([7, 7, 9, 7, 9]))
     np.testing.assert_array_equal(padded[1], [1, 0, PAD_LABEL])  # list 9: two rows, padded to three
+
+
+def test_fit_runs_the_callers_keras_callbacks_on_cpu_in_float32() -> None:
+    import keras
+
+    class Seen(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epochs: list[int] = []
+            self.policy = ""
+
+        def on_train_begin(self, logs: object = None) -> None:
+            self.policy = keras.mixed_precision.dtype_policy().name
+
+        def on_epoch_end(self, epoch: int, logs: object = None) -> None:
+            self.epochs.append(epoch)
+
+    frame, labels = tiny_frame()
+    seen = Seen()
+    config = RankerConfig(hidden=(8,), epochs=2, users_per_batch=4, cv_folds=2, blends=(0.0,))
+    result = fit_ranker_cv(frame, labels, 8, config, progress=False, callbacks=[seen])
+    # two folds of two epochs each; no GPU here, so float32 and the CPU batch
+    assert seen.epochs == [0, 1, 0, 1] and seen.policy == "float32" and result.device == "CPU"
 
 
 def test_cross_validated_fit_exports_its_als_blend(tmp_path: Path) -> None:
