@@ -17,7 +17,9 @@ def machine() -> dict[str, Any]:
     import os
 
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # the machines are shared: a high load means the numbers are upper bounds
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
 def write_results(name: str, numbers: dict[str, Any], table_rows: list[tuple[str, str]], notes: str = "") -> Path:
