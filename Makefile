@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow down up status bench clean help
+.PHONY: install demo test down up status bench clean help
 
 help:
 	@echo "make demo    - install, start the local stack, run the main job on synthetic data"
@@ -33,10 +33,6 @@ demo: install
 test: install
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
-
-# the long quality checks too (the two-stage ML-100K evaluation, ~10 minutes)
-test-slow: install
-	RECSYS_RUN_TWO_STAGE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 down:
 	@if [ -x $(BIN)/recsys ]; then $(BIN)/recsys stack down; else echo "nothing to stop (.venv missing)"; fi

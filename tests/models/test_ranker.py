@@ -311,15 +311,16 @@ def test_training_frame_never_holds_a_value_stamped_after_its_label(feature_ws: 
 # ---- quality on ML-100K ---------------------------------------------------------------------------
 
 
-# The two-stage run on ML-100K takes 10 to 25 minutes on 2 cores (its own feature store, Feast
-# point-in-time joins, the ranker fit): too long for every CI run. `make test-slow` runs it.
-RUN_TWO_STAGE = os.environ.get("RECSYS_RUN_TWO_STAGE") == "1"
+# The two-stage run on ML-100K takes about 4 minutes on 2 idle cores (its own feature store, Feast
+# point-in-time joins, the 5-fold ranker fit) and runs with the suite; RECSYS_SKIP_TWO_STAGE=1
+# leaves it out of a quick local run.
+RUN_TWO_STAGE = os.environ.get("RECSYS_SKIP_TWO_STAGE") != "1"
 
 
 @pytest.fixture(scope="module")
 def ml100k_report(ml100k_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not RUN_TWO_STAGE:
-        pytest.skip("two-stage ML-100K evaluation (10-25 min): set RECSYS_RUN_TWO_STAGE=1 or run `make test-slow`")
+        pytest.skip("two-stage ML-100K evaluation left out: RECSYS_SKIP_TWO_STAGE=1 is set")
     from models.evaluate import EvaluationConfig, run_evaluation
     from models.ranker_train import two_stage
 
@@ -334,7 +335,7 @@ def _headline(report: dict) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2700)  # ~10 min on 2 idle cores, 25 min on shared ones: the suite's 900 s is for the rest
+@pytest.mark.timeout(2700)  # ~4 min on 2 idle cores, longer on shared ones: the suite's 900 s is for the rest
 def test_two_stage_beats_als_alone_on_ml100k(ml100k_report: dict) -> None:
     # the goal: re-ranking ALS's candidates beats ALS alone on the same split, and
     # reaches 0.170 (measured 0.19 vs 0.177 with the default ALS config: README, Ranker)
