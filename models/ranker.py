@@ -764,6 +764,27 @@ class RankerScorer:
         out = self._serve(**self.inputs(user, self.with_item_stats(items, item_ids), n, context))
         return np.asarray(out, dtype=np.float64).reshape(n)
 
+    def score_frame(self, frame: pd.DataFrame, progress: bool = False) -> np.ndarray:
+        """(len(frame),) float64 logits for candidate rows (``user_id``, ``item_id``, feature
+        columns named as in :func:`pipelines.feature_store.get_training_frame`, optionally
+        ``event_timestamp`` for the context), row-aligned. Each user's rows are scored together
+        as one candidate list (the list features depend on the list), with the user's features
+        taken from their first row."""
+        out = np.empty(len(frame), dtype=np.float64)
+        if not len(frame):
+            return out
+        from tqdm.auto import tqdm
+
+        user_cols = [c for c in USER_INPUTS if c in frame.columns]
+        groups = frame.groupby(S.COL_USER, sort=False).indices
+        for rows in tqdm(groups.values(), total=len(groups), desc="score", unit="user", disable=not progress):
+            group = frame.iloc[rows]
+            first = group.iloc[0]
+            when = first[S.COL_TS] if S.COL_TS in group.columns else None
+            out[rows] = self.score({c: first[c] for c in user_cols}, {c: group[c].tolist() for c in group.columns},
+                                   group[S.COL_ITEM].to_numpy(np.int64), np.zeros(len(rows)), {"timestamp": when})
+        return out
+
 
 def load_scorer(path: Path) -> RankerScorer:
     """The ranker saved by :func:`export_ranker` (a BentoML model's path works as is)."""

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from models.als import ALSConfig, Factors, Popularity, fit_als
 from models.protocol import positives_of, rank_with, temporal_split
@@ -334,20 +333,16 @@ def rerank(scorer: Any, frame: pd.DataFrame, users: np.ndarray, catalogue: np.nd
     """Ranked catalogue columns (len(users) x depth): each user's candidates in ``frame`` by the
     ranker's logits (ties by item id), then ``fallback`` (that user's row of ALS-ranked columns)
     for the rest. ``scorer`` is a :class:`models.ranker.RankerScorer` (the exported SavedModel)."""
-    from models.ranker import USER_INPUTS
-
     out = np.full((len(users), depth), -1, dtype=np.int64)
-    groups = {int(u): g for u, g in frame.groupby(S.COL_USER, sort=False)} if len(frame) else {}
-    user_cols = [c for c in USER_INPUTS if c in frame.columns]
-    for row, user in enumerate(tqdm(users.tolist(), desc="re-rank", unit="user", disable=not progress)):
+    logits = scorer.score_frame(frame, progress)  # each user's candidates scored as one list
+    groups = {int(u): rows for u, rows in frame.groupby(S.COL_USER, sort=False).indices.items()} if len(frame) else {}
+    item_ids = frame[S.COL_ITEM].to_numpy(np.int64)
+    for row, user in enumerate(users.tolist()):
         ranked: list[int] = []
-        group = groups.get(int(user))
-        if group is not None and len(group):
-            first = group.iloc[0]
-            ids = group[S.COL_ITEM].to_numpy(np.int64)
-            logits = scorer.score({c: first[c] for c in user_cols}, {c: group[c].tolist() for c in group.columns},
-                                  ids, np.zeros(len(ids)), {"timestamp": first[S.COL_TS]})
-            ranked = ids[np.lexsort((ids, -logits))].tolist()
+        rows = groups.get(int(user))
+        if rows is not None and len(rows):
+            ids = item_ids[rows]
+            ranked = ids[np.lexsort((ids, -logits[rows]))].tolist()
         cols = np.searchsorted(catalogue, np.asarray(ranked, np.int64))
         chosen = list(dict.fromkeys(cols.tolist()))[:depth]
         taken = set(chosen)
@@ -433,6 +428,7 @@ class RankerTrainResult:
     run_id: str | None = None
     bento_tag: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    registered: dict[str, str] = field(default_factory=dict)  # MLflow registered name -> version
 
 
 def train_ranker(settings: Settings, config: RankerConfig | None = None, examples: ExampleConfig | None = None,
@@ -470,7 +466,15 @@ def _track_ranker(settings: Settings, result: RankerTrainResult, als: ALSConfig,
     import json
 
     from models.ranker import BENTO_RANKER_MODEL, META_FILE
-    from models.tracking import dataset_fingerprint, log_training_run, save_to_bentoml
+    from models.tracking import (
+        RANKER_MODEL_NAME,
+        RANKER_REQUIREMENTS,
+        ModelSpec,
+        RankerModel,
+        dataset_fingerprint,
+        log_training_run,
+        save_to_bentoml,
+    )
     from models.train import TRAINING_EXPERIMENT
 
     fit = result.training.fit
@@ -482,8 +486,10 @@ def _track_ranker(settings: Settings, result: RankerTrainResult, als: ALSConfig,
                **{f"train_{k}": v[-1] for k, v in fit.history.items() if v}}
     run = log_training_run(settings.effective_mlflow_uri, TRAINING_EXPERIMENT, f"ranker-{settings.dataset}", params,
                            metrics, dataset_fingerprint(settings.dataset_path, reference_time=result.cutoff.isoformat()),
-                           artifacts={"ranker": result.path})
-    result.run_id = run.run_id
+                           artifacts={"ranker": result.path},
+                           models=[ModelSpec(RANKER_MODEL_NAME, RankerModel(), {"ranker": result.path}, None,
+                                             tuple(RANKER_REQUIREMENTS))])
+    result.run_id, result.registered = run.run_id, run.registered
     meta_path = result.path / META_FILE  # the run id is the version the service reports
     meta = json.loads(meta_path.read_text())
     meta.update({"mlflow_run_id": run.run_id, "version": run.run_id})

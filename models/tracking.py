@@ -2,9 +2,9 @@
 
 Every training run logs its params, metrics, the dataset fingerprint (tag and param
 ``dataset_fingerprint``) and its artifacts, and registers its models as MLflow pyfunc models
-(loading one needs this project installed). The FAISS indexes also go to the BentoML model store,
-labelled with the MLflow run id; the store is ``$BENTOML_HOME`` (BentoML's own variable) unless
-a ``bentoml_home`` is passed, which is how tests keep a temporary store.
+(loading one needs this project installed). The FAISS indexes and the ranker also go to the
+BentoML model store, labelled with the MLflow run id; the store is ``$BENTOML_HOME`` (BentoML's
+own variable) unless a ``bentoml_home`` is passed, which is how tests keep a temporary store.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 
 ALS_MODEL_NAME = "recsys-als"
 INDEX_MODEL_NAME = "recsys-item-index"
+RANKER_MODEL_NAME = "recsys-ranker"
 BENTO_INDEX_MODEL = "item_index"
 RUN_ID_LABEL = "mlflow_run_id"
 #: What loading the pyfunc models needs besides this project (kept explicit: inference is slow).
 PYFUNC_REQUIREMENTS = ["faiss-cpu==1.15.1", "numpy", "pandas", "pyarrow"]
+RANKER_REQUIREMENTS = ["tensorflow==2.21.0", "keras==3.15.1", "numpy", "pandas", "pyarrow"]
 
 
 def dataset_fingerprint(dataset_dir: Path, **extra: object) -> str:
@@ -95,6 +97,27 @@ class SimilarItems(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=[S.COL_ITEM, "item_ids", "scores"])
 
 
+class RankerModel(mlflow.pyfunc.PythonModel):
+    """Input: candidate rows, one user's candidates together: ``user_id``, ``item_id``, any of
+    the ranker's feature columns as :func:`pipelines.feature_store.get_training_frame` names them
+    (embeddings as lists; a missing column counts as missing values) and optionally
+    ``event_timestamp`` for the context. Output: ``user_id``, ``item_id`` and ``score`` (the
+    exported ranker's logit, blend included), row-aligned with the input."""
+
+    def load_context(self, context: Any) -> None:
+        from models.ranker import load_scorer
+
+        self.scorer = load_scorer(Path(context.artifacts["ranker"]))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        missing = [c for c in (S.COL_USER, S.COL_ITEM) if c not in model_input.columns]
+        if missing:
+            raise ValueError(f"ranker input lacks column(s) {missing}: pass one row per (user_id, item_id) candidate")
+        frame = model_input.reset_index(drop=True)
+        return pd.DataFrame({S.COL_USER: frame[S.COL_USER].to_numpy(np.int64),
+                             S.COL_ITEM: frame[S.COL_ITEM].to_numpy(np.int64), "score": self.scorer.score_frame(frame)})
+
+
 def _signature(key: str) -> Any:
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
@@ -112,7 +135,10 @@ class ModelSpec:
     registered_name: str
     python_model: mlflow.pyfunc.PythonModel
     artifacts: Mapping[str, Path]
-    input_column: str  # the one input column (user_id or item_id)
+    #: the one input column (user_id or item_id) of a model with a ``k`` param; None = a frame
+    #: of many columns (the ranker's candidate rows), logged without a signature
+    input_column: str | None
+    requirements: tuple[str, ...] = tuple(PYFUNC_REQUIREMENTS)
 
 
 @dataclass
@@ -170,8 +196,9 @@ def log_training_run(
         for spec in models or []:
             info = mlflow.pyfunc.log_model(
                 name=spec.registered_name, python_model=spec.python_model,
-                artifacts={k: str(v) for k, v in spec.artifacts.items()}, signature=_signature(spec.input_column),
-                pip_requirements=PYFUNC_REQUIREMENTS, registered_model_name=spec.registered_name,
+                artifacts={k: str(v) for k, v in spec.artifacts.items()},
+                signature=_signature(spec.input_column) if spec.input_column else None,
+                pip_requirements=list(spec.requirements), registered_model_name=spec.registered_name,
             )
             tracked.registered[spec.registered_name] = str(info.registered_model_version)
     log.info("MLflow run %s in experiment %r (%s); registered %s", tracked.run_id, experiment, tracking_uri,

@@ -368,3 +368,22 @@ def test_train_ranker_logs_to_mlflow_and_saves_to_bentoml(feature_ws: Settings, 
     assert scorer.version == result.run_id
     user, items, ids = _user_and_items(1, rank=4)
     assert scorer.score(user, items, ids, np.zeros(len(ids)), {}).shape == (len(ids),)
+    # the registered pyfunc scores candidate rows as the exported model does, user by user
+    import mlflow
+
+    from models.tracking import RANKER_MODEL_NAME
+
+    registered = mlflow.pyfunc.load_model(f"models:/{RANKER_MODEL_NAME}/{result.registered[RANKER_MODEL_NAME]}")
+    frame, _ = tiny_frame(n_users=2, rank=4)
+    scored = registered.predict(frame)
+    assert list(scored.columns) == [S.COL_USER, S.COL_ITEM, "score"] and len(scored) == len(frame)
+    for user_id in (1, 2):
+        rows = frame[frame[S.COL_USER] == user_id]
+        first = rows.iloc[0]
+        expected = scorer.score({c: first[c] for c in ("n_events", "interaction_count", "top_categories",
+                                                       "user_embedding")},
+                                {c: rows[c].tolist() for c in rows.columns}, rows[S.COL_ITEM].to_numpy(),
+                                np.zeros(len(rows)), {"timestamp": first[S.COL_TS]})
+        np.testing.assert_allclose(scored[frame[S.COL_USER] == user_id]["score"], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="item_id"):
+        registered.predict(frame.drop(columns=[S.COL_ITEM]))
