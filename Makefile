@@ -7,11 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test down up status bench clean help
+.PHONY: install demo test test-slow down up status bench clean help
 
 help:
 	@echo "make demo    - install, start the local stack, run the main job on synthetic data"
 	@echo "make test    - install, run the test suite (starts its own isolated stack)"
+	@echo "make test-slow - the two-stage ML-100K evaluation alone (~4 minutes)"
 	@echo "make down    - stop the local stack started by 'make demo'"
 	@echo "make status  - show the local stack"
 	@echo "make bench   - run every benchmark after make demo (writes benchmarks/results/)"
@@ -33,6 +34,10 @@ demo: install
 test: install
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# the long quality check too: the two-stage ML-100K evaluation, ~4 minutes on its own
+test-slow: install
+	RECSYS_RUN_TWO_STAGE=1 $(BIN)/python -m pytest $(PYTEST_ARGS) tests/models/test_ranker.py -k two_stage
 
 down:
 	@if [ -x $(BIN)/recsys ]; then $(BIN)/recsys stack down; else echo "nothing to stop (.venv missing)"; fi

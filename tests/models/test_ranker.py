@@ -312,15 +312,17 @@ def test_training_frame_never_holds_a_value_stamped_after_its_label(feature_ws: 
 
 
 # The two-stage run on ML-100K takes about 4 minutes on 2 idle cores (its own feature store, Feast
-# point-in-time joins, the 5-fold ranker fit) and runs with the suite; RECSYS_SKIP_TWO_STAGE=1
-# leaves it out of a quick local run.
-RUN_TWO_STAGE = os.environ.get("RECSYS_SKIP_TWO_STAGE") != "1"
+# point-in-time joins, the 5-fold ranker fit) when it runs alone (`make test-slow`). It stays out
+# of the default suite: once, late in a full run sharing one Spark session, the Feast join's
+# Arrow collect hung (the driver waiting on a result no task was producing, its heap grown to the
+# 4 GB limit; the cause is not established) and the run never finished.
+RUN_TWO_STAGE = os.environ.get("RECSYS_RUN_TWO_STAGE") == "1"
 
 
 @pytest.fixture(scope="module")
 def ml100k_report(ml100k_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not RUN_TWO_STAGE:
-        pytest.skip("two-stage ML-100K evaluation left out: RECSYS_SKIP_TWO_STAGE=1 is set")
+        pytest.skip("two-stage ML-100K evaluation (~4 min): set RECSYS_RUN_TWO_STAGE=1 or run `make test-slow`")
     from models.evaluate import EvaluationConfig, run_evaluation
     from models.ranker_train import two_stage
 
