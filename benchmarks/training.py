@@ -62,12 +62,12 @@ def bench_ranker(settings: Settings, label: str) -> dict[str, Any]:
     MLflow) after the feature store it reads is built: daily snapshots, real-time backfill, apply."""
     from models.ranker_train import train_ranker
     from pipelines import feature_store as fs
-    from recsys import schema as S
     from pipelines.backfill import run_backfill
     from pipelines.batch_features import DayRange, run_batch_features
     from datetime import datetime
 
     from pipelines.canonical import read_manifest, reference_time
+    from recsys import schema as S
     from recsys.spark import get_spark
 
     spark = get_spark(settings)
