@@ -380,12 +380,9 @@ def test_train_ranker_logs_to_mlflow_and_saves_to_bentoml(feature_ws: Settings, 
     scored = registered.predict(frame)
     assert list(scored.columns) == [S.COL_USER, S.COL_ITEM, "score"] and len(scored) == len(frame)
     for user_id in (1, 2):
-        rows = frame[frame[S.COL_USER] == user_id]
-        first = rows.iloc[0]
-        expected = scorer.score({c: first[c] for c in ("n_events", "interaction_count", "top_categories",
-                                                       "user_embedding")},
-                                {c: rows[c].tolist() for c in rows.columns}, rows[S.COL_ITEM].to_numpy(),
-                                np.zeros(len(rows)), {"timestamp": first[S.COL_TS]})
+        user_feats, user_items, user_ids = _user_and_items(user_id, rank=4)  # the same rows as `frame`'s
+        expected = scorer.score(user_feats, user_items, user_ids, np.zeros(len(user_ids)),
+                                {"timestamp": frame[S.COL_TS].iloc[0]})
         np.testing.assert_allclose(scored[frame[S.COL_USER] == user_id]["score"], expected, rtol=1e-5)
     with pytest.raises(ValueError, match="item_id"):
         registered.predict(frame.drop(columns=[S.COL_ITEM]))
