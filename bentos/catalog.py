@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 
-from models._util import positions
+from recsys.arrays import positions
 from recsys import feature_tables as T
 from recsys import schema as S
 

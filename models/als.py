@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from models._util import positions, replace_dir
+from recsys.arrays import positions, replace_dir
 from models.protocol import UNKNOWN_SCORE, EvalSet, ScoreFn, evaluate_scorer
 from pipelines.cleaning import COL_WEIGHT
 from recsys import feature_tables as T

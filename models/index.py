@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models._util import positions
+from recsys.arrays import positions
 
 log = logging.getLogger(__name__)
 

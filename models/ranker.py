@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from models._util import positions, replace_dir
+from recsys.arrays import positions, replace_dir
 from recsys import schema as S
 
 if TYPE_CHECKING:
@@ -830,13 +830,3 @@ def train_tiny_ranker(folder: Path, rank: int = 8, epochs: int = 20) -> Path:
                          index=pd.Index(ids, name=S.COL_ITEM))
     return export_ranker(result, Path(folder), {"version": "tiny"}, item_stats=stats)
 
-
-def train_ranker_for_demo(settings: Any) -> str:
-    """`make demo`'s ranker step: :func:`models.ranker_train.train_ranker` on the active dataset
-    (MLflow and the BentoML store included); returns a one-line summary."""
-    from models.ranker_train import train_ranker
-
-    # one fit, no cross-validation: the demo shows the pipeline, the evaluation measures it
-    result = train_ranker(settings, RankerConfig(epochs=2, cv_folds=1), progress=False)
-    return (f"{result.training.fit.rows:,} rows on {result.training.fit.device}, MLflow run {result.run_id}, "
-            f"BentoML model {result.bento_tag}")

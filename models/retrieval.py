@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from models._util import replace_dir
+from recsys.arrays import replace_dir
 from models.als import Factors
 from models.index import IndexConfig, ItemIndex
 from recsys import schema as S

@@ -62,7 +62,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import redis
 
-from models._util import positions
+from recsys.arrays import positions
 from pipelines import trending
 from pipelines.events import decode_batch
 from pipelines.realtime_rules import LATE_REASON, DedupeWindow, Event, Outcome, UserState

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.stack import LocalStack, free_port
+from pipelines.stack import LocalStack
 from recsys.config import Settings
+from tests.support.settings import REPO, isolated_settings
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -26,20 +26,6 @@ def ml100k_path() -> Path:
         pytest.skip(f"MovieLens 100K not found at {path}: set RECSYS_ML100K")
     return path
 
-
-def isolated_settings(tmp: Path, **overrides: object) -> Settings:
-    """Settings whose data, run dir and ports belong to one test session only."""
-    values: dict[str, object] = {
-        "home": REPO,
-        "data_dir": tmp / "data",
-        "run_dir": tmp / "run",
-        "redis_port": free_port(),
-        "kafka_port": free_port(),
-        "mlflow_port": free_port(),
-        "service_port": free_port(),
-    }
-    values.update(overrides)
-    return Settings(**values)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +45,6 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
 @pytest.fixture(scope="session")
 def feature_ws(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """A feature workspace (data, snapshots, embeddings, feast apply, materialize) on the stack."""
-    from tests.feature_workspace import build_feature_workspace
+    from tests.support.feature_workspace import build_feature_workspace
 
     return build_feature_workspace(stack_settings, tmp_path_factory.mktemp("fs"))

@@ -21,8 +21,8 @@ from pipelines.stack import LocalStack
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
-from tests.conftest import isolated_settings
-from tests.feature_workspace import N_ITEMS, N_USERS, vector
+from tests.support.settings import isolated_settings
+from tests.support.feature_workspace import N_ITEMS, N_USERS, vector
 
 
 @pytest.fixture(scope="module")

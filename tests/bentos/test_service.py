@@ -26,8 +26,8 @@ from models.als import Factors
 from models.retrieval import RetrievalIndex
 from pipelines.stack import LocalStack, free_port
 from recsys.config import Settings
-from tests.conftest import REPO, isolated_settings
-from tests.feature_workspace import N_ITEMS, N_USERS, vector
+from tests.support.settings import REPO, isolated_settings
+from tests.support.feature_workspace import N_ITEMS, N_USERS, vector
 
 API_KEY = "test-key-123"
 

@@ -19,7 +19,7 @@ from pipelines.stack import free_port
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
-from tests.feature_workspace import DIM, END, HAND_USER, N_ITEMS, T1, T2, vector
+from tests.support.feature_workspace import DIM, END, HAND_USER, N_ITEMS, T1, T2, vector
 
 def _latest(settings: Settings, table: str) -> pd.DataFrame:
     frame = pd.read_parquet(T.table_path(settings, table))

@@ -28,7 +28,7 @@ from pipelines.materialize_engine import _ENCODERS, ColumnarRedisEngine, encode_
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
-from tests.conftest import REPO
+from tests.support.settings import REPO
 
 END = datetime(2026, 3, 10, tzinfo=timezone.utc)
 MID = END - timedelta(days=2)

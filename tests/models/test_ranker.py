@@ -282,7 +282,7 @@ def test_training_frame_never_holds_a_value_stamped_after_its_label(feature_ws: 
     from models.als import Factors
     from models.ranker_train import feature_frame
     from recsys import feature_tables as T
-    from tests.feature_workspace import END, HAND_USER, T1, T2
+    from tests.support.feature_workspace import END, HAND_USER, T1, T2
 
     factors = Factors(np.array([HAND_USER], np.int64), np.ones((1, 4), np.float32), np.array([1, 2], np.int64),
                       np.ones((2, 4), np.float32), END)

@@ -23,7 +23,7 @@ from pipelines.stack import (
     service_env,
 )
 from recsys.config import Settings
-from tests.conftest import isolated_settings
+from tests.support.settings import isolated_settings
 
 
 def test_redis_round_trip(stack_settings: Settings) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from recsys.cli_common import CliError, settings_of
+from recsys.cli.common import CliError, settings_of
 
 train_app = typer.Typer(help="Train models on the active dataset and hand them to MLflow.", no_args_is_help=True)
 index_app = typer.Typer(help="The FAISS item indexes built from the ALS item vectors.", no_args_is_help=True)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from recsys.cli_common import CliError, parse_time, reference_time_of, settings_of
+from recsys.cli.common import CliError, parse_time, reference_time_of, settings_of
 
 events_app = typer.Typer(help="Produce clickstream events into Kafka.", no_args_is_help=True)
 stream_app = typer.Typer(help="The clickstream consumer and the backfill of real-time features.",

@@ -15,11 +15,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from recsys.cli_common import CliError, parse_time, settings_of
-from recsys.cli_features import features_app
-from recsys.cli_serving import precompute_cmd, serve
-from recsys.cli_stream import events_app, stream_app, trending_cmd
-from recsys.cli_models import register as register_model_commands
+from recsys.cli.common import CliError, parse_time, settings_of
+from recsys.cli.features import features_app
+from recsys.cli.serving import precompute_cmd, serve
+from recsys.cli.stream import events_app, stream_app, trending_cmd
+from recsys.cli.models import register as register_model_commands
 from recsys.config import load_settings
 from recsys.logs import configure_logging
 
@@ -202,13 +202,10 @@ def demo(
     ranker: Annotated[bool, typer.Option(help="Also train the TensorFlow ranker (several more minutes).")] = False,
 ) -> None:
     """The main job, end to end on the synthetic default: stack up, data, and what to look at next."""
-    from recsys.demo import run_demo
+    from recsys.cli.demo import run_demo
 
     try:
         run_demo(settings_of(ctx), n_users=users, n_items=items, ranker=ranker)
     except RuntimeError as exc:
         raise CliError(str(exc)) from exc
 
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

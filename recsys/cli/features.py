@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from recsys.cli_common import CliError, parse_time, reference_time_of, settings_of
+from recsys.cli.common import CliError, parse_time, reference_time_of, settings_of
 
 features_app = typer.Typer(help="Feast: offline features, apply, materialize, render the config.",
                            no_args_is_help=True)

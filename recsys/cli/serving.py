@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from recsys.cli_common import CliError, reference_time_of, settings_of
+from recsys.cli.common import CliError, reference_time_of, settings_of
 
 def serve(
     ctx: typer.Context,

@@ -1,4 +1,4 @@
-"""Small helpers shared by the models modules."""
+"""Small array and folder helpers every layer may use: id lookups by position, atomic folder swaps."""
 
 from __future__ import annotations
 
