@@ -30,8 +30,10 @@ install: $(STAMP)
 demo: install
 	$(BIN)/recsys demo
 
+# the layer contracts first (pyproject.toml, [tool.importlinter]): a back-arrow fails fast, named;
 # pytest exits 5 when it collects nothing: that is not a failure of the code under test
 test: install
+	$(BIN)/lint-imports --no-logo
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 

@@ -228,7 +228,7 @@ def main() -> None:
                "(Feast's Redis layout, one pipeline); 'raw' is the same pipelined HMGET without decoding; "
                "'feast_sdk' is FeatureStore.get_online_features (two calls: user, items). Materialization "
                "is Feast's Spark offline store -> Redis for user_profile (10 features) through the batch engine "
-               "named in feature_store.yaml (pipelines.materialize_engine); 'feast_engine' is the same "
+               "named in feature_store.yaml (pipelines.materialize); 'feast_engine' is the same "
                "rows through Feast's own LocalComputeEngine, measured right after ours in the same run. "
                "materialize_rows_per_s_100k is the first run and includes starting Spark; the others run "
                "with Spark warm. 'raw_hset' packs each command through redis-py's pipeline, which the "

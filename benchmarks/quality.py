@@ -74,8 +74,9 @@ def main() -> None:
     parser.add_argument("--no-two-stage", action="store_true", help="Skip the ranker (two_stage_* stay empty).")
     args = parser.parse_args()
     configure_logging()
-    from models.evaluate import EvaluationConfig, run_evaluation
-    from models.ranker_train import two_stage
+    from models.evaluate import run_evaluation
+    from models.holdout import EvaluationConfig
+    from models.ranker.two_stage import two_stage
 
     config = EvaluationConfig(grid=None) if args.no_tune else EvaluationConfig()
     report = run_evaluation(ml100k_path(), None, config=config, track=False,
@@ -93,9 +94,9 @@ def main() -> None:
     best = report["hyperparameters"]["als"]
     notes = (f"{model_table(report)}\n\nALS: rank {best['rank']}, regParam {best['reg_param']}, alpha {best['alpha']}, "
              f"{best['max_iter']} iterations ({'tuned on the validation split' if numbers['tuned'] else 'defaults'}). "
-             f"Protocol: README, 'Training and evaluation'. Full report: quality.json, key `report`; "
+             f"Protocol: docs/training.md. Full report: quality.json, key `report`; "
              f"ndcg@k curves: {plot.name}. two_stage: the ALS candidates (models.retrieval) "
-             f"re-ranked by the TensorFlow ranker (models.ranker_train.two_stage). "
+             f"re-ranked by the TensorFlow ranker (models.ranker.two_stage). "
              f"Total {report['timings']['total_s']}s on this machine.")
     path = write_results("quality", numbers, rows, notes=notes)
     log.info("wrote %s and %s", path, plot)

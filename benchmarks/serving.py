@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 import redis
 
 from benchmarks._common import write_results
-from bentos.engine import cache_key
+from bentos.cache import cache_key
 from recsys import schema as S
 from recsys.config import Settings, load_settings
 from recsys.logs import configure_logging
@@ -61,8 +61,8 @@ async def _phase(base: str, users: list[int], concurrency: int) -> tuple[list[fl
     latencies: list[float] = []
     errors = 0
     deadline = time.monotonic() + PHASE_MAX_S
-    # aiohttp, not httpx: on this machine httpx's client costs about 0.9 ms more per request
-    # (measured side by side), which the service would be charged for
+    # aiohttp, not httpx: httpx's client adds a per-request cost of its own (measured side by side),
+    # which the service would be charged for
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as client:
 

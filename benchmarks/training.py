@@ -60,7 +60,7 @@ def bench_stages(settings: Settings, label: str) -> dict[str, Any]:
 def bench_ranker(settings: Settings, label: str) -> dict[str, Any]:
     """``recsys train ranker`` seconds (labels with their ALS, point-in-time frame, fit; no
     MLflow) after the feature store it reads is built: daily snapshots, real-time backfill, apply."""
-    from models.ranker_train import train_ranker
+    from models.ranker.job import train_ranker
     from pipelines import feature_store as fs
     from pipelines.backfill import run_backfill
     from pipelines.batch_features import DayRange, run_batch_features

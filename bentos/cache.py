@@ -1,26 +1,93 @@
-"""The cache-hit path of /recommend, on the service's event loop.
+"""The recommendation cache ``recs:{user_id}``: its key and payload, the read of a request (in a
+worker thread, or on the service's event loop) and the write, off the response path.
 
 A hit is one Redis GET and a slice: handing it to a worker thread (what BentoML does with a sync
 API) costs more than the work itself. The service awaits :meth:`AsyncCacheReader.lookup` first and
-only sends misses to a thread, where :meth:`RecommendationEngine.recommend` runs with
-``cache_checked=True``. The reader shares the engine's circuit breaker and metrics, so a dead Redis
-is skipped here exactly as it is on the miss path.
+only sends misses to a thread, where the engine runs with ``cache_checked=True``. Both reads share
+one circuit breaker and the metrics, so a dead Redis is skipped on the event loop exactly as it is
+on the miss path.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from typing import Any
 
+import orjson
 import redis
 import redis.asyncio
 
-from bentos.engine import Recommendation, RecommendationEngine, cache_key
+from bentos.answer import Recommendation
+from bentos.breaker import RedisBreaker
+from bentos.metrics import METRICS
+from recsys.schema import recs_cache_key as cache_key  # one definition: the stream deletes it
+
+__all__ = ["AsyncCacheReader", "RecommendationCache", "cache_allowed", "cache_key", "cache_payload"]
+
+log = logging.getLogger(__name__)
+
+
+def cache_allowed(context: Mapping[str, Any] | None) -> bool:
+    """Onboarding categories change the answer: only plain requests read the cache."""
+    return not (context or {}).get("categories")
+
+
+def cache_payload(rec: Recommendation) -> bytes:
+    """What ``recs:{user_id}`` holds: the full top list, cold start flag and model versions (JSON)."""
+    return orjson.dumps({"items": rec.top, "cold_start": rec.cold_start, "model_versions": rec.model_versions})
+
+
+class RecommendationCache:
+    """Reads and writes ``recs:{user_id}`` through the shared Redis breaker."""
+
+    def __init__(self, client: redis.Redis, breaker: RedisBreaker, pool: Executor, ttl_s: int,
+                 model_versions: dict[str, str]) -> None:
+        self.client = client
+        self.breaker = breaker
+        self.pool = pool
+        self.ttl_s = ttl_s
+        self.model_versions = model_versions
+
+    def read(self, user_id: int, k: int, context: Mapping[str, Any] | None) -> Recommendation | None:
+        """The cached answer, or None (a miss, a request that may not use the cache, Redis down).
+        A failed read does not degrade the answer: the request computes it instead."""
+        if not cache_allowed(context):
+            return None
+        ok, raw = self.breaker.call(lambda: self.client.get(cache_key(user_id)), [], "cache read")
+        return self.from_raw(user_id, raw, k) if ok and raw else None
+
+    def from_raw(self, user_id: int, raw: bytes, k: int) -> Recommendation | None:
+        """A cache hit: the stored top list (JSON) sliced to k; None if the entry is unreadable
+        (then it is a miss, and the fresh answer overwrites it)."""
+        try:
+            cached = orjson.loads(raw)
+            body = cached if isinstance(cached, dict) else {"items": cached}
+            items = list(body["items"])
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            log.warning("unreadable cache entry for user %s (%s): recomputing", user_id, exc)
+            return None
+        METRICS.cache.labels(result="hit").inc()
+        return Recommendation(user_id, items[:k], bool(body.get("cold_start")), False, True,
+                              dict(body.get("model_versions") or self.model_versions))
+
+    def write(self, rec: Recommendation) -> None:
+        """Store the answer's top list with the TTL, in the pool: off the response path."""
+        payload = cache_payload(rec)
+        key, ttl = cache_key(rec.user_id), self.ttl_s
+
+        def write() -> None:
+            self.breaker.call(lambda: self.client.set(key, payload, ex=ttl), [], "cache write")
+
+        self.pool.submit(write)
 
 
 class AsyncCacheReader:
-    def __init__(self, engine: RecommendationEngine, url: str, timeout_s: float = 0.25) -> None:
-        self.engine = engine
+    """The cache read of /recommend on the service's event loop (redis.asyncio)."""
+
+    def __init__(self, cache: RecommendationCache, url: str, timeout_s: float = 0.25) -> None:
+        self.cache = cache
         self.url = url
         self.timeout_s = timeout_s
         self._client: redis.asyncio.Redis | None = None  # made on first use, inside the serving loop
@@ -34,15 +101,16 @@ class AsyncCacheReader:
 
     async def lookup(self, user_id: int, k: int, context: Mapping[str, Any] | None) -> Recommendation | None:
         """The cached answer, or None (a miss, a request that may not use the cache, Redis down)."""
-        if not self.engine.cache_allowed(context) or self.engine.breaker.open:
+        breaker = self.cache.breaker
+        if not cache_allowed(context) or breaker.open:
             return None
         try:
             raw = await self._redis().get(cache_key(user_id))
         except (redis.RedisError, OSError) as exc:
-            self.engine.redis_failed("cache read", exc)
+            breaker.trip("cache read", exc)
             return None
-        self.engine.breaker.ok()
-        return self.engine.answer_from_cache(user_id, raw, k) if raw else None
+        breaker.ok()
+        return self.cache.from_raw(user_id, raw, k) if raw else None
 
     async def aclose(self) -> None:
         if self._client is not None:

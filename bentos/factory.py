@@ -12,7 +12,10 @@ import numpy as np
 import redis
 
 from bentos.catalog import ItemCatalog
-from bentos.engine import ITEM_FEATURES, USER_FEATURES, RecommendationEngine, Scorer, ServingConfig
+from bentos.config import ServingConfig
+from bentos.engine import RecommendationEngine
+from bentos.features import ITEM_FEATURES, USER_FEATURES
+from bentos.scoring import Scorer
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
@@ -62,11 +65,11 @@ def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: 
     engine = RecommendationEngine(catalog, client, reader.read, index=load_index(index_dir),
                                   scorer=load_scorer(ranker_dir), config=config, model_versions=model_versions)
     replay_new_items(engine, new_items_log(settings))
-    if engine.scorer is not None:
-        warm_up(engine.scorer)
+    if engine.scoring.scorer is not None:
+        warm_up(engine.scoring.scorer)
     log.info("engine ready: %d items in the catalogue, index %s, ranker %s", len(catalog),
              "loaded" if engine.index is not None else "absent (popularity and content only)",
-             "loaded" if engine.scorer is not None else "absent (strategy blend)")
+             "loaded" if engine.scoring.scorer is not None else "absent (strategy blend)")
     return engine
 
 

@@ -18,7 +18,8 @@ import pandas as pd
 import pyarrow.dataset as pads
 from tqdm.auto import tqdm
 
-from bentos.engine import RecommendationEngine, cache_key
+from bentos.cache import cache_key, cache_payload
+from bentos.engine import RecommendationEngine
 from recsys import schema as S
 from recsys.config import Settings
 
@@ -74,7 +75,7 @@ def precompute(engine: RecommendationEngine, users: pd.Series, config: Precomput
                 degraded += 1
                 continue
             ttl = cfg.hot_ttl_s if pos < n_hot else cfg.ttl_s
-            pipe.set(cache_key(int(user)), engine.cache_payload(rec), ex=ttl)
+            pipe.set(cache_key(int(user)), cache_payload(rec), ex=ttl)
             written += 1
         pipe.execute()
     stats = PrecomputeStats(len(users), n_hot, written, degraded)

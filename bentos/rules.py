@@ -12,15 +12,20 @@ scorer, and x0.8 on a negative logit would *raise* it. The rules, in order:
    remain to fill the top 10, over-cap items fill it, best first: a full list beats a short one.
 
 A missing feature never triggers a rule: unknown stock is kept, unknown margin or quality is
-neither boosted nor penalised. Ties in final score are broken by item id (ascending).
+neither boosted nor penalised. Ties in final score are broken by item id (ascending). The rules'
+inputs (:func:`facts_for`) are the online features, else the in-memory catalogue's values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from bentos.catalog import ItemCatalog
+from recsys import schema as S
 
 MARGIN_THRESHOLD = 0.3
 MARGIN_BOOST = 1.1
@@ -54,6 +59,31 @@ class ItemFacts:
     margin: np.ndarray  # float64, NaN unknown
     quality: np.ndarray  # float64, NaN unknown
     trending: np.ndarray  # bool
+
+
+def facts_for(catalog: ItemCatalog, item_ids: Sequence[int], trending: Collection[int] = frozenset(),
+              online: Mapping[str, Sequence[Any]] | None = None) -> ItemFacts:
+    """Rule inputs of ``item_ids``: the online features (``online``, aligned with the ids) where
+    present, the catalogue's value for each missing one."""
+    f = catalog.rule_values(item_ids)
+    base = ItemFacts(
+        item_ids=np.asarray(item_ids, dtype=np.int64),
+        category=np.nan_to_num(f[S.COL_CATEGORY], nan=-1).astype(np.int64),
+        inventory=f["inventory"], margin=f["margin"], quality=f["quality_score"],
+        trending=np.array([i in trending for i in item_ids], dtype=bool),
+    )
+    if online is None:
+        return base
+
+    def merged(name: str, fallback: np.ndarray) -> np.ndarray:
+        values = np.array([np.nan if v is None else float(v) for v in online[name]], dtype=np.float64)
+        return np.where(np.isnan(values), fallback, values)
+
+    category = merged(S.COL_CATEGORY, base.category.astype(np.float64))
+    return ItemFacts(
+        item_ids=base.item_ids, category=np.nan_to_num(category, nan=-1).astype(np.int64),
+        inventory=merged("inventory", base.inventory), margin=merged("margin", base.margin),
+        quality=merged("quality_score", base.quality), trending=base.trending)
 
 
 @dataclass(frozen=True)

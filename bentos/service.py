@@ -66,7 +66,7 @@ class Recommender:
         index_dir = self._model_dir(self.index_model, INDEX_MODEL, "index", versions)
         ranker_dir = self._model_dir(self.ranker_model, RANKER_MODEL, "ranker", versions)
         self.engine = build_engine(self.settings, index_dir, ranker_dir, model_versions=versions)
-        self.cache = AsyncCacheReader(self.engine, self.settings.effective_redis_url)
+        self.cache = AsyncCacheReader(self.engine.cache, self.settings.effective_redis_url)
         self.new_items_path = new_items_log(self.settings)
         self._producer: Any = None
         self._producer_lock = threading.Lock()

@@ -189,7 +189,7 @@ item_profile_fv = FeatureView(
 ranker_v1 = FeatureService(
     name="ranker_v1",
     features=[user_profile_fv, user_realtime_fv, user_embedding_fv, item_profile_fv, item_embedding_fv],
-    description="Provisional inputs of the TensorFlow ranker (user x candidate item).",
+    description="The TensorFlow ranker's input set: every view, for a user x candidate item.",
 )
 retrieval_v1 = FeatureService(
     name="retrieval_v1",

@@ -43,9 +43,9 @@ _TABLES: dict[str, str] = {"user": T.USER_EMBEDDING, "item": T.ITEM_EMBEDDING}
 @dataclass(frozen=True)
 class ALSConfig:
     """Spark ALS hyperparameters (implicit feedback). Defaults: among rank-64 points of the
-    tuning grid, the best on the ML-100K validation split (ndcg@10 0.163; rank 128 reached 0.167
-    at about four times the fitting time). ``recsys evaluate`` and ``recsys train als --tune``
-    tune them for the data at hand."""
+    tuning grid, the best on the ML-100K validation split (rank 128 scored a little higher at a
+    much longer fit; benchmarks/results/ holds the numbers). ``recsys evaluate`` and
+    ``recsys train als --tune`` tune them for the data at hand."""
 
     rank: int = 64
     reg_param: float = 0.2

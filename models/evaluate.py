@@ -6,8 +6,10 @@ its runs and registered models never mix with the demo's); nothing outside it is
 report. Hyperparameters are tuned on the validation split (the protocol's split applied to train),
 never on test.
 
-The report's ``two_stage_*`` keys are reserved for the two-stage model (retrieval candidates
-re-ranked by the TensorFlow ranker): pass ``two_stage`` to :func:`run_evaluation` to fill them.
+The split, the tuning and :class:`models.holdout.EvaluationConfig` live in :mod:`models.holdout`,
+which the training jobs share. The report's ``two_stage_*`` keys are reserved for the two-stage
+model (retrieval candidates re-ranked by the TensorFlow ranker): pass ``two_stage`` to
+:func:`run_evaluation` to fill them.
 """
 
 from __future__ import annotations
@@ -17,36 +19,32 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from models.als import ALSConfig, ALSGrid, Factors, Popularity, TuningResult, export_factors, fit_als, tune_als
-from models.protocol import (
-    KS,
-    TEST_FRACTION,
-    EvalSet,
-    build_eval_set,
-    evaluate_top_k,
-    rank_with,
-    ranking_metrics_spark,
-    temporal_split,
-    positives_of,
-    top_k_frame,
+from models.als import ALSConfig, Factors, Popularity, export_factors, fit_als
+from models.holdout import (
+    EvalContext,
+    EvaluationConfig,
+    Holdout,
+    Timer,
+    TwoStageFn,
+    clean_to_last_event,
+    holdout,
+    tune,
 )
+from models.protocol import evaluate_top_k, rank_with, ranking_metrics_spark, top_k_frame
 from pipelines.canonical import MANIFEST, read_manifest
-from pipelines.cleaning import CleaningConfig, CleaningResult, clean_events
+from pipelines.cleaning import CleaningConfig
 from recsys import schema as S
 from recsys.config import Settings
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -54,59 +52,6 @@ LAYOUTS = ("auto", "ml-100k", "ml-csv", "canonical")
 #: Report keys each model fills, prefixed by the model name (popularity_, als_, two_stage_).
 HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10")
 TWO_STAGE = "two_stage"
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """``grid=None`` skips tuning and uses ``als`` and ``cleaning`` as given. Otherwise the ALS
-    grid is tuned first (with ``cleaning``), then the time decay over ``decays`` with the best
-    ALS config, both on the validation split."""
-
-    als: ALSConfig = field(default_factory=ALSConfig)
-    grid: ALSGrid | None = field(default_factory=ALSGrid)
-    cleaning: CleaningConfig = field(default_factory=CleaningConfig)
-    decays: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03)
-    test_fraction: float = TEST_FRACTION
-    ks: tuple[int, ...] = KS
-    curve_to: int = 20  # ndcg@1..curve_to in the report, for the plot
-
-
-@dataclass
-class EvalContext:
-    """What the models of one evaluation share. A two-stage step gets it whole: the raw train
-    and test events (Spark), the test and validation :class:`EvalSet`, the tuned ALS config and
-    the factors fitted on all of train, the cleaning config, and the workspace settings."""
-
-    spark: SparkSession
-    settings: Settings
-    dataset_dir: Path
-    train: DataFrame
-    test: DataFrame
-    train_rows: pd.DataFrame  # user_id, item_id, event_timestamp of every train event
-    eval_set: EvalSet
-    validation: EvalSet
-    cleaning: CleaningConfig
-    als: ALSConfig
-    factors: Factors
-    cutoff: datetime
-
-
-#: Returns ranked catalogue columns (``eval_set.users`` x at least max(ks), -1 padded).
-TwoStageFn = Callable[[EvalContext], np.ndarray]
-
-
-class Timer:
-    """Seconds per stage (``<stage>_s``), summed over repeated stages."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        log.info("evaluate: %s", stage)
-        yield
-        self.seconds[f"{stage}_s"] = round(self.seconds.get(f"{stage}_s", 0.0) + time.perf_counter() - start, 2)
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -126,47 +71,6 @@ def load_dataset(data: Path, workspace: Path, layout: str = "auto") -> Path:
     target = workspace / "data" / "canonical" / data.name
     load_movielens(data, target, layout=layout)
     return target
-
-
-def _max_time(frame: DataFrame) -> datetime:
-    from pyspark.sql import functions as F
-
-    micros = frame.agg(F.max(F.unix_micros(F.col(S.COL_TS)))).first()[0]
-    if micros is None:
-        raise ValueError("no events to evaluate on: the dataset is empty")
-    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(micros))  # exact, no float
-
-
-def _eval_set(train: DataFrame, test: DataFrame, catalogue: np.ndarray) -> tuple[EvalSet, pd.DataFrame]:
-    rows = train.select(S.COL_USER, S.COL_ITEM, S.COL_TS).toPandas()
-    positives = positives_of(train, test).toPandas()
-    return build_eval_set(rows, positives, catalogue), rows
-
-
-def _clean(frame: DataFrame, cfg: CleaningConfig, items: DataFrame) -> CleaningResult:
-    return clean_events(frame, _max_time(frame), cfg, catalogue=items)
-
-
-def tune_decay(fit_events: DataFrame, items: DataFrame, validation: EvalSet, als: ALSConfig,
-               cleaning: CleaningConfig, decays: tuple[float, ...]) -> tuple[CleaningConfig, list[dict[str, float]]]:
-    """The time decay (per day) with the best validation ndcg@10 for the tuned ALS config; ties
-    keep the smaller decay. Returns the cleaning config to train with and the trials."""
-    from models.protocol import evaluate_scorer
-
-    trials: list[dict[str, float]] = []
-    best_cfg, best_ndcg = cleaning, -1.0
-    for decay in sorted(decays):
-        candidate = replace(cleaning, decay_per_day=decay)
-        cleaned = _clean(fit_events, candidate, items)
-        factors = fit_als(cleaned.interactions, als, cleaned.reference_time)
-        report = evaluate_scorer(validation, factors.score_fn(validation.catalogue, validation.popularity))
-        cleaned.interactions.unpersist()
-        trials.append({"decay_per_day": decay, "ndcg@10": round(report["ndcg@10"], 5),
-                       "recall@10": round(report["recall@10"], 5)})
-        log.info("decay %.3g/day: validation ndcg@10 %.4f", decay, report["ndcg@10"])
-        if report["ndcg@10"] > best_ndcg:
-            best_cfg, best_ndcg = candidate, report["ndcg@10"]
-    return best_cfg, trials
 
 
 def workspace_settings(base: Settings, workspace: Path, dataset: str, tracking_uri: str | None) -> Settings:
@@ -192,48 +96,6 @@ def _headline(name: str, report: dict[str, Any] | None) -> dict[str, Any]:
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
-
-
-@dataclass
-class Holdout:
-    """One protocol split of some events: the train and test frames (persisted), the test's
-    :class:`EvalSet` and the train rows (user_id, item_id, event_timestamp) in pandas."""
-
-    train: DataFrame
-    test: DataFrame
-    eval_set: EvalSet
-    train_rows: pd.DataFrame
-
-    def unpersist(self) -> None:
-        self.train.unpersist()
-        self.test.unpersist()
-
-
-def holdout(events: DataFrame, catalogue: np.ndarray, test_fraction: float = TEST_FRACTION) -> Holdout:
-    """Split ``events`` by the protocol; apply it to a holdout's ``train`` for validation."""
-    train, test = temporal_split(events, test_fraction)
-    train, test = train.persist(), test.persist()
-    eval_set, train_rows = _eval_set(train, test, catalogue)
-    log.info("split: %d train rows, %d users with test positives, catalogue %d",
-             len(train_rows), len(eval_set.users), len(catalogue))
-    return Holdout(train, test, eval_set, train_rows)
-
-
-def tune(validation: Holdout, items: DataFrame, cfg: EvaluationConfig, timer: Timer,
-         progress: bool = True) -> tuple[ALSConfig, CleaningConfig, dict[str, Any] | None]:
-    """(ALS config, cleaning config, tuning report), fitted on ``validation.train`` and scored on
-    its test part; ``cfg.grid=None`` returns the configured ones untouched."""
-    if cfg.grid is None:
-        return cfg.als, cfg.cleaning, None
-    with timer("clean"):
-        clean_fit = _clean(validation.train, cfg.cleaning, items)
-    with timer("tune"):
-        result: TuningResult = tune_als(clean_fit.interactions, validation.eval_set, clean_fit.reference_time,
-                                        cfg.grid, cfg.als, progress=progress)
-        clean_fit.interactions.unpersist()
-        cleaning, decay_trials = tune_decay(validation.train, items, validation.eval_set, result.best, cfg.cleaning,
-                                            cfg.decays)
-    return result.best, cleaning, {**result.as_dict(), "decay_trials": decay_trials}
 
 
 def score_models(spark: SparkSession, split: Holdout, factors: Factors, cfg: EvaluationConfig) -> dict[str, Any]:
@@ -289,7 +151,7 @@ def run_evaluation(
             validation = holdout(split.train, catalogue, cfg.test_fraction)  # carved from train only
         best, cleaning, tuning = tune(validation, items, cfg, timer, progress)
         with timer("clean"):
-            clean_train = _clean(split.train, cleaning, items)
+            clean_train = clean_to_last_event(split.train, cleaning, items)
         with timer("fit"):
             factors = fit_als(clean_train.interactions, best, clean_train.reference_time)
         with timer("evaluate"):
@@ -353,7 +215,9 @@ def _track(settings: Settings, ws: Path, report: dict[str, Any], factors: Factor
            cleaning: CleaningConfig, cfg: EvaluationConfig) -> dict[str, Any]:
     """Log the evaluation as a training run in the workspace's own MLflow store."""
     from models.als import embedding_table_path
-    from models.tracking import ALS_MODEL_NAME, AlsRecommender, ModelSpec, log_training_run
+    from models.names import ALS_MODEL_NAME, EVALUATION_EXPERIMENT
+    from models.pyfunc import AlsRecommender
+    from models.tracking import ModelSpec, log_training_run
 
     user_dir, item_dir = embedding_table_path(settings, "user"), embedding_table_path(settings, "item")
     export_factors(factors, user_dir, item_dir)
@@ -363,12 +227,13 @@ def _track(settings: Settings, ws: Path, report: dict[str, Any], factors: Factor
               "test_fraction": cfg.test_fraction, "tuned": cfg.grid is not None}
     metrics = {k: v for k, v in report.items()
                if k.startswith(("popularity_", "als_", f"{TWO_STAGE}_")) and v is not None}
+    artifacts = (ws / "mlartifacts").resolve().as_uri()  # a local store's artifacts stay in the workspace
     run = log_training_run(
-        settings.effective_mlflow_uri, "evaluation", f"evaluate-{settings.dataset}", params, metrics,
+        settings.effective_mlflow_uri, EVALUATION_EXPERIMENT, f"evaluate-{settings.dataset}", params, metrics,
         report["dataset"]["fingerprint"], artifacts={"report": report_path, "user_embedding": user_dir,
                                                      "item_embedding": item_dir},
         models=[ModelSpec(ALS_MODEL_NAME, AlsRecommender(), {"user_embedding": user_dir, "item_embedding": item_dir},
                           S.COL_USER)],
-        artifact_location=(ws / "mlartifacts").resolve().as_uri() if settings.effective_mlflow_uri.startswith("sqlite") else None,
+        artifact_location=artifacts if settings.effective_mlflow_uri.startswith("sqlite") else None,
     )
     return {"tracking_uri": run.tracking_uri, "run_id": run.run_id, "registered": run.registered}

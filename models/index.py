@@ -46,8 +46,8 @@ class IndexConfig:
 
     kind: Kind = "auto"
     exact_max_items: int = 50_000
-    #: 16 links per node: at 200k x 128 clustered vectors, recall@10 0.99 and 1.7x faster to
-    #: build than 32 on two cores (benchmarks/training.py measures it at 1M)
+    #: 16 links per node: on clustered vectors its recall is high enough and it builds faster than
+    #: 32 (benchmarks/training.py measures both; the numbers are in benchmarks/results/)
     hnsw_m: int = 16
     ef_construction: int = 80
     #: where the calibration starts; it doubles efSearch until the measured recall reaches

@@ -5,6 +5,8 @@ Every training run logs its params, metrics, the dataset fingerprint (tag and pa
 (loading one needs this project installed). The FAISS indexes and the ranker also go to the
 BentoML model store, labelled with the MLflow run id; the store is ``$BENTOML_HOME`` (BentoML's
 own variable) unless a ``bentoml_home`` is passed, which is how tests keep a temporary store.
+This module knows no model: the pyfunc wrappers are in :mod:`models.pyfunc` and
+:mod:`models.ranker.pyfunc`, the names in :mod:`models.names`.
 """
 
 from __future__ import annotations
@@ -21,18 +23,12 @@ from typing import Any
 import mlflow
 import mlflow.pyfunc
 import numpy as np
-import pandas as pd
 
+from models.names import RUN_ID_LABEL
 from pipelines.canonical import read_manifest
-from recsys import schema as S
 
 log = logging.getLogger(__name__)
 
-ALS_MODEL_NAME = "recsys-als"
-INDEX_MODEL_NAME = "recsys-item-index"
-RANKER_MODEL_NAME = "recsys-ranker"
-BENTO_INDEX_MODEL = "item_index"
-RUN_ID_LABEL = "mlflow_run_id"
 #: What loading the pyfunc models needs besides this project (kept explicit: inference is slow).
 PYFUNC_REQUIREMENTS = ["faiss-cpu==1.15.1", "numpy", "pandas", "pyarrow"]
 RANKER_REQUIREMENTS = ["tensorflow==2.21.0", "keras==3.15.1", "numpy", "pandas", "pyarrow"]
@@ -44,78 +40,6 @@ def dataset_fingerprint(dataset_dir: Path, **extra: object) -> str:
     manifest = asdict(read_manifest(dataset_dir))
     payload = manifest if not extra else {"manifest": manifest, **extra}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class AlsRecommender(mlflow.pyfunc.PythonModel):
-    """Input: a DataFrame with ``user_id``; params ``k`` (default 10). Output: ``user_id``,
-    ``item_ids`` and ``scores`` (top k by user . item; unknown users get empty lists)."""
-
-    def load_context(self, context: Any) -> None:
-        from models.als import load_factors
-
-        artifacts = context.artifacts
-        self.factors = load_factors(Path(artifacts["user_embedding"]), Path(artifacts["item_embedding"]))
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from models.protocol import top_k
-
-        k = int((params or {}).get("k", 10))
-        users = np.asarray(model_input[S.COL_USER], dtype=np.int64)
-        vectors, known = self.factors.user_vectors(users)
-        scores = vectors @ self.factors.items.T
-        cols = top_k(scores, k) if len(users) else np.empty((0, k), np.int64)
-        rows = []
-        for row, user in enumerate(users.tolist()):
-            picked = cols[row][cols[row] >= 0] if known[row] else np.empty(0, np.int64)
-            rows.append({S.COL_USER: user, "item_ids": self.factors.item_ids[picked].tolist(),
-                         "scores": scores[row, picked].astype(float).tolist()})
-        return pd.DataFrame(rows, columns=[S.COL_USER, "item_ids", "scores"])
-
-
-class SimilarItems(mlflow.pyfunc.PythonModel):
-    """Input: a DataFrame with ``item_id``; params ``k``. Output: ``item_id``, ``item_ids``,
-    ``scores`` (cosine neighbours from the item -> item index, the item itself left out)."""
-
-    def load_context(self, context: Any) -> None:
-        from models.retrieval import RetrievalIndex
-
-        self.index = RetrievalIndex.load(Path(context.artifacts["index"]))
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        k = int((params or {}).get("k", 10))
-        items = np.asarray(model_input[S.COL_ITEM], dtype=np.int64)
-        known = self.index.item_to_item.contains(items)
-        rows = []
-        for item, ok in zip(items.tolist(), known.tolist()):
-            if not ok:
-                rows.append({S.COL_ITEM: item, "item_ids": [], "scores": []})
-                continue
-            scores, ids = self.index.item_to_item.search(self.index.item_to_item.vectors(np.array([item])), k + 1)
-            keep = (ids[0] >= 0) & (ids[0] != item)
-            rows.append({S.COL_ITEM: item, "item_ids": ids[0][keep][:k].tolist(),
-                         "scores": scores[0][keep][:k].astype(float).tolist()})
-        return pd.DataFrame(rows, columns=[S.COL_ITEM, "item_ids", "scores"])
-
-
-class RankerModel(mlflow.pyfunc.PythonModel):
-    """Input: candidate rows, one user's candidates together: ``user_id``, ``item_id``, any of
-    the ranker's feature columns as :func:`pipelines.feature_store.get_training_frame` names them
-    (embeddings as lists; a missing column counts as missing values) and optionally
-    ``event_timestamp`` for the context. Output: ``user_id``, ``item_id`` and ``score`` (the
-    exported ranker's logit, blend included), row-aligned with the input."""
-
-    def load_context(self, context: Any) -> None:
-        from models.ranker import load_scorer
-
-        self.scorer = load_scorer(Path(context.artifacts["ranker"]))
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        missing = [c for c in (S.COL_USER, S.COL_ITEM) if c not in model_input.columns]
-        if missing:
-            raise ValueError(f"ranker input lacks column(s) {missing}: pass one row per (user_id, item_id) candidate")
-        frame = model_input.reset_index(drop=True)
-        return pd.DataFrame({S.COL_USER: frame[S.COL_USER].to_numpy(np.int64),
-                             S.COL_ITEM: frame[S.COL_ITEM].to_numpy(np.int64), "score": self.scorer.score_frame(frame)})
 
 
 def _signature(key: str) -> Any:

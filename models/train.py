@@ -23,6 +23,7 @@ import numpy as np
 
 from models.als import ALSConfig, ALSGrid, Factors, embedding_table_path, export_factors, fit_als, load_factors
 from models.index import IndexConfig, categories_for
+from models.names import TRAINING_EXPERIMENT
 from models.retrieval import RetrievalIndex, index_path
 from pipelines.canonical import read_table, reference_time
 from pipelines.cleaning import CleaningConfig, clean_events
@@ -30,8 +31,6 @@ from recsys import schema as S
 from recsys.config import Settings
 
 log = logging.getLogger(__name__)
-
-TRAINING_EXPERIMENT = "training"
 
 
 @dataclass
@@ -61,8 +60,8 @@ def train_als(settings: Settings, als: ALSConfig | None = None, cleaning: Cleani
     window, ``train_als(settings.with_overrides(as_of=t0), export=False)``."""
     from pyspark.sql import functions as F
 
-    from models.evaluate import EvaluationConfig, Timer, holdout
-    from models.evaluate import tune as tune_on
+    from models.holdout import EvaluationConfig, Timer, holdout
+    from models.holdout import tune as tune_on
     from recsys.spark import get_spark
 
     als = als or ALSConfig()
@@ -95,7 +94,9 @@ def train_als(settings: Settings, als: ALSConfig | None = None, cleaning: Cleani
 
 
 def _track_als(settings: Settings, result: AlsTrainResult, cleaning: CleaningConfig) -> None:
-    from models.tracking import ALS_MODEL_NAME, AlsRecommender, ModelSpec, dataset_fingerprint, log_training_run
+    from models.names import ALS_MODEL_NAME
+    from models.pyfunc import AlsRecommender
+    from models.tracking import ModelSpec, dataset_fingerprint, log_training_run
 
     metrics: dict[str, Any] = {"users": len(result.factors.user_ids), "items": len(result.factors.item_ids),
                                **result.seconds}
@@ -145,15 +146,9 @@ def build_index(settings: Settings, config: IndexConfig | None = None, out: Path
 
 
 def _track_index(settings: Settings, result: IndexBuildResult, factors: Factors, bentoml_home: Path | None) -> None:
-    from models.tracking import (
-        BENTO_INDEX_MODEL,
-        INDEX_MODEL_NAME,
-        ModelSpec,
-        SimilarItems,
-        dataset_fingerprint,
-        log_training_run,
-        save_to_bentoml,
-    )
+    from models.names import BENTO_INDEX_MODEL, INDEX_MODEL_NAME
+    from models.pyfunc import SimilarItems
+    from models.tracking import ModelSpec, dataset_fingerprint, log_training_run, save_to_bentoml
 
     config = result.index.user_to_item.config
     params = {**{f"index_{k}": v for k, v in asdict(config).items()}, "dataset": settings.dataset,
@@ -170,26 +165,3 @@ def _track_index(settings: Settings, result: IndexBuildResult, factors: Factors,
         metadata={"dataset": settings.dataset, "training_cutoff": factors.cutoff.isoformat(),
                   "report": result.index.report},
     )
-
-
-@dataclass
-class TinyModels:
-    als: AlsTrainResult
-    index: IndexBuildResult
-
-
-def train_tiny_models(settings: Settings, bentoml_home: Path | None = None, n_users: int = 200,
-                      n_items: int = 100, track: bool = True) -> TinyModels:
-    """A small synthetic dataset (when the active one is missing), ALS and its indexes, logged
-    and stored like the real ones: what a test of the service needs on a clean machine. Pass
-    settings whose data_dir and MLflow belong to the test; takes about a minute on two cores."""
-    from pipelines.canonical import DatasetError, read_manifest
-    from pipelines.generator import GeneratorConfig, generate
-
-    try:
-        read_manifest(settings.dataset_path)
-    except DatasetError:
-        generate(GeneratorConfig(n_users=n_users, n_items=n_items, n_categories=5, days=7), settings.dataset_path,
-                 progress=False)
-    als = train_als(settings, ALSConfig(rank=8, max_iter=5, num_blocks=1), track=track, progress=False)
-    return TinyModels(als, build_index(settings, track=track, bentoml_home=bentoml_home))

@@ -142,7 +142,8 @@ def _seed_state(settings: Settings, states: object, chunk: int = 5_000) -> int:
     import redis
 
     from pipelines.feature_store import get_store, push_user_realtime
-    from pipelines.stream import StateStore, rows_frame, state_row
+    from pipelines.stream.online_writer import rows_frame, state_row
+    from pipelines.stream.state import StateStore
 
     client = redis.Redis.from_url(settings.effective_redis_url)
     store = StateStore(client, settings.feast_project, settings.events_topic)

@@ -10,7 +10,8 @@ logging how many rows and users it removed:
    events go). RATING events do not count: MovieLens users rate hundreds of films in minutes.
 3. **power users**: users with more than 10,000 events.
 4. **daily cap**: at most 50 clickstream events per user per UTC day, the heaviest kept (ties:
-   the most recent, then event id). RATING events are exempt (the cap would delete 46% of ML-100K).
+   the most recent, then event id). RATING events are exempt (MovieLens users rate in bursts:
+   the cap would delete a large share of ML-100K).
 5. **weights**: PURCHASE 10, ADD_TO_CART 5, CLICK 3, VIEW 1; RATING ``value - rating_offset``
    (see :class:`CleaningConfig`), times the time decay ``exp(-decay_per_day * days_ago)`` where
    ``days_ago`` counts from the reference time.
@@ -53,14 +54,13 @@ class CleaningConfig:
     With the default 2.0 a 5-star rating weighs 3 (like a CLICK), a 3-star rating 1 (like a VIEW),
     and ratings of 2 or less weigh 0 or less: for implicit ALS a weight <= 0 means "no
     preference" (confidence ``1 + alpha * |w|``), so disliked films push their score down instead
-    of counting as interest. On the ML-100K validation split (Spark ALS rank 64), ndcg@10 was
-    0.162 with offset 2, 0.159 with offset 1 and 0.161 with offset 3 (README, "Training and
-    evaluation").
+    of counting as interest. Offsets 1 and 3 did no better on the ML-100K validation split
+    (docs/training.md, "Cleaning").
 
     ``decay_per_day`` is lambda in ``exp(-lambda * days_ago)``. The default 0.003 (a half-life
-    of about 230 days) is a mild prior that old interest counts less; on the ML-100K validation
-    split ndcg@10 was 0.1629 without decay, 0.1623 at 0.003, 0.157 at 0.01 and 0.152 at 0.03
-    (ratings are lasting tastes), so ``recsys evaluate`` tunes it per dataset.
+    of about 230 days) is a mild prior that old interest counts less; stronger decay did worse on
+    the ML-100K validation split (ratings are lasting tastes), so ``recsys evaluate`` tunes it
+    per dataset.
     """
 
     bot_max_events: int = 100

@@ -57,13 +57,13 @@ BATCH_ONLY_VIEWS = (T.USER_PROFILE, T.ITEM_PROFILE, T.USER_EMBEDDING, T.ITEM_EMB
 
 
 #: Feast's batch engine for every materialization (ours and plain `feast materialize`).
-#: pipelines.materialize_engine.ColumnarRedisEngine is Feast's LocalComputeEngine plus a
+#: pipelines.materialize.engine.ColumnarRedisEngine is Feast's LocalComputeEngine plus a
 #: column-wise Redis writer for the batch-only views: Feast's own engine builds a proto per value,
-#: hashes every field name and serializes every entity key per row, and ran at under 25% of a raw
-#: pipelined HSET of the same rows (issue 3). The fast path reads the same rows and writes
-#: byte-identical hashes (keys, fields, `_ts`, EXPIRE, skip_dedup as configured); user_realtime,
-#: which the stream also writes, keeps Feast's own path. Keep feature_repo/feature_store.yaml in step.
-BATCH_ENGINE_TYPE = "pipelines.materialize_engine.ColumnarRedisEngine"
+#: hashes every field name and serializes every entity key per row, so its cost is paid per value.
+#: The fast path reads the same rows and writes byte-identical hashes (keys, fields, `_ts`, EXPIRE,
+#: skip_dedup as configured); user_realtime, which the stream also writes, keeps Feast's own path.
+#: Keep feature_repo/feature_store.yaml in step (tests/feature_repo/test_materialize_engine.py checks it).
+BATCH_ENGINE_TYPE = "pipelines.materialize.engine.ColumnarRedisEngine"
 
 
 def batch_engine_config() -> dict[str, Any]:

@@ -45,7 +45,7 @@ _US = 1_000_000  # microseconds per second
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """Knobs of the synthetic dataset. Defaults size the demo to finish well within 20 minutes."""
+    """Knobs of the synthetic dataset. The defaults are the demo's dataset, sized to keep `make demo` short."""
 
     n_users: int = 10_000
     n_items: int = 5_000

@@ -1,7 +1,7 @@
 """The real-time user feature rules: ONE pure fold, used by the stream consumer, the backfill and
 the tests' reference. No I/O here.
 
-The rules (issue 4):
+The rules:
 
 - VIEW, CLICK and RATING >= 4 put the item in ``last_5_items`` (the five most recent distinct
   items, newest last; a repeat moves the item to the end);
@@ -232,21 +232,6 @@ def fold_user(
     for e in sorted(events, key=event_order):
         yield e, state.apply(e, window), state
     state.trim(window)
-
-
-def fold_events(events: Iterable[Event], window: DedupeWindow | None = None) -> dict[int, UserState]:
-    """The reference: every user's final state after all ``events`` (any order, duplicates allowed)."""
-    window = window or DedupeWindow()
-    by_user: dict[int, list[Event]] = {}
-    for e in events:
-        by_user.setdefault(e.user_id, []).append(e)
-    states = {}
-    for user, user_events in by_user.items():
-        state = UserState()
-        for _ in fold_user(user_events, window, state):
-            pass
-        states[user] = state
-    return states
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

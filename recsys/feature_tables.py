@@ -82,10 +82,6 @@ def entity_key(table: str) -> str:
     return _KEYS[table]
 
 
-def feature_fields(table: str) -> list[pa.Field]:
-    return list(_FEATURES[table])
-
-
 def feature_names(table: str) -> list[str]:
     return [f.name for f in _FEATURES[table]]
 

@@ -165,7 +165,7 @@ def _ranker_step(settings: Settings) -> str:
     """The TensorFlow ranker on point-in-time frames from Feast, to MLflow and the BentoML store;
     returns a one-line summary."""
     from models.ranker import RankerConfig
-    from models.ranker_train import train_ranker
+    from models.ranker.job import train_ranker
 
     # one fit, no cross-validation: the demo shows the pipeline, the evaluation measures it
     result = train_ranker(settings, RankerConfig(epochs=2, cv_folds=1), progress=False)

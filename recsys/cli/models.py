@@ -70,7 +70,8 @@ def train_ranker_cmd(
 ) -> None:
     """Train the TensorFlow ranker on point-in-time training frames from the feature store."""
     from models.ranker import RankerConfig
-    from models.ranker_train import ExampleConfig, train_ranker
+    from models.ranker.examples import ExampleConfig
+    from models.ranker.job import train_ranker
     from pipelines.canonical import DatasetError
     from pipelines.feature_store import FeatureStoreError
 
@@ -140,11 +141,12 @@ def evaluate_cmd(
 
     Runs in its own workspace: it never touches the demo's data, models or MLflow registry.
     """
-    from models.evaluate import EvaluationConfig, run_evaluation
+    from models.evaluate import run_evaluation
+    from models.holdout import EvaluationConfig
     from pipelines.canonical import DatasetError
     from pipelines.loaders import LoaderError
 
-    from models.ranker_train import two_stage as ranker_two_stage
+    from models.ranker.two_stage import two_stage as ranker_two_stage
 
     config = EvaluationConfig() if tune else EvaluationConfig(grid=None)
     try:

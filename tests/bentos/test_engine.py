@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 import redis
 
-from bentos.engine import RecommendationEngine, ServingConfig, cache_key, purchased_key
+from bentos.cache import cache_key, cache_payload
+from bentos.config import ServingConfig
+from bentos.engine import RecommendationEngine
+from bentos.features import purchased_key
 from bentos.factory import build_engine, redis_client
 from bentos.precompute import PrecomputeConfig, active_users, precompute
 from models.als import Factors
@@ -76,6 +79,17 @@ def test_cold_start_with_onboarding_categories(engine: RecommendationEngine) -> 
     # every 5th slot is an exploration item when one exists
     strategies = [i["strategy"] for i in rec.items]
     assert set(strategies) <= {"popular", "exploration"}
+
+
+def test_cold_start_with_an_onboarding_category_the_catalogue_lacks(engine: RecommendationEngine) -> None:
+    # no item has category 99, new or old: the answer is the one a user who named no category
+    # gets (globally popular, across categories), not an error and not an empty list
+    rec = engine.recommend(424244, k=5, context={"categories": [99]}, use_cache=False)
+    plain = engine.recommend(424245, k=5, use_cache=False)
+    assert rec.cold_start and not rec.degraded
+    assert len(rec.items) == 5
+    assert [i["item_id"] for i in rec.items] == [i["item_id"] for i in plain.items]
+    assert {i["strategy"] for i in rec.items} == {"popular"}
 
 
 def test_personalised_answer_excludes_recent_and_purchased(engine: RecommendationEngine,
@@ -148,7 +162,7 @@ class _BrokenScorer:
 @pytest.mark.parametrize(("scorer", "reason"), [(_SlowScorer(), "ranker timeout"), (_BrokenScorer(), "ranker error")])
 def test_ranker_failure_falls_back_to_cosine(engine: RecommendationEngine, feature_ws: Settings,
                                              scorer: object, reason: str) -> None:
-    engine.scorer = scorer  # type: ignore[assignment]
+    engine.scoring.scorer = scorer  # type: ignore[assignment]
     rec = engine.recommend(_active_user(feature_ws), k=5, use_cache=False)
     assert rec.degraded and reason in rec.degraded_reasons
     assert len(rec.items) == 5 and all(0.0 <= i["score"] <= 1.2 for i in rec.items)
@@ -233,10 +247,10 @@ def test_async_cache_lookup_hit_miss_and_onboarding(engine: RecommendationEngine
     user = 424245
     engine.client.delete(cache_key(user))
     full = engine.recommend(user, k=5, use_cache=False)
-    engine.client.set(cache_key(user), engine.cache_payload(full))
+    engine.client.set(cache_key(user), cache_payload(full))
 
     async def scenario() -> tuple[object, object, object]:
-        reader = AsyncCacheReader(engine, feature_ws.effective_redis_url)
+        reader = AsyncCacheReader(engine.cache, feature_ws.effective_redis_url)
         try:
             hit = await reader.lookup(user, 3, None)
             onboarding = await reader.lookup(user, 3, {"categories": [2]})  # never from the cache
@@ -264,7 +278,7 @@ def test_async_cache_lookup_with_redis_down_opens_the_shared_breaker(engine: Rec
     engine.breaker.ok()
 
     async def lookup() -> object:
-        reader = AsyncCacheReader(engine, dead)
+        reader = AsyncCacheReader(engine.cache, dead)
         try:
             return await reader.lookup(1, 3, None)
         finally:
@@ -284,9 +298,9 @@ def test_ranker_gets_recent_item_similarity_from_the_index(engine: Recommendatio
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
     v = {i: np.asarray(vector(i, 0.1), np.float64) for i in (1, 2, 3)}
-    out = engine._recent_similarity({"last_5_items": [1, 2, 424242]}, np.array([3, 1, 999_999]))  # 424242: no vector
+    out = engine.scoring.recent_similarity({"last_5_items": [1, 2, 424242]}, np.array([3, 1, 999_999]))  # 424242: no vector
     assert out["recent_cosine_max"][0] == pytest.approx(max(cos(v[3], v[1]), cos(v[3], v[2])), abs=1e-5)
     assert out["recent_cosine_mean"][0] == pytest.approx((cos(v[3], v[1]) + cos(v[3], v[2])) / 2, abs=1e-5)
     assert out["recent_cosine_max"][1] == pytest.approx(1.0, abs=1e-5)  # item 1 is one of the recent items
     assert np.isnan(out["recent_cosine_max"][2])  # not in the index: imputed by the ranker, as in training
-    assert all(np.isnan(x) for x in engine._recent_similarity({"last_5_items": None}, np.array([3]))["recent_cosine_max"])
+    assert all(np.isnan(x) for x in engine.scoring.recent_similarity({"last_5_items": None}, np.array([3]))["recent_cosine_max"])

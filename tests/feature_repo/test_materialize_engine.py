@@ -1,4 +1,4 @@
-"""The column-wise batch engine (pipelines.materialize_engine) writes exactly what Feast writes.
+"""The column-wise batch engine (pipelines.materialize) writes exactly what Feast writes.
 
 The same offline rows are materialized into two Feast projects on the same Redis: one with
 Feast's own LocalComputeEngine, one with ours; every hash (key, fields, bytes) and every key TTL
@@ -24,7 +24,9 @@ import redis
 import yaml
 
 from pipelines import feature_store as fs
-from pipelines.materialize_engine import _ENCODERS, ColumnarRedisEngine, encode_column
+from pipelines.feast_redis.layout import store_provider
+from pipelines.materialize.encoders import _ENCODERS, encode_column
+from pipelines.materialize.engine import ENGINE_TYPE, ColumnarRedisEngine
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
@@ -188,7 +190,8 @@ def test_engine_is_configured_for_plain_feast_and_the_platform(engine_ws: tuple[
     assert shipped["batch_engine"] == fs.repo_config_dict(ours)["batch_engine"] == fs.batch_engine_config()
     assert shipped["batch_engine"]["fast_views"] == list(fs.BATCH_ONLY_VIEWS)
     store = fs.get_store(ours)
-    engine = store._get_provider().batch_engine
+    assert shipped["batch_engine"]["type"] == ENGINE_TYPE
+    engine = store_provider(store).batch_engine
     assert isinstance(engine, ColumnarRedisEngine)
     routes = {v.name: engine.fast_path_refusal(v) for v in store.list_feature_views()}
     assert routes == {**{v: None for v in fs.BATCH_ONLY_VIEWS}, T.USER_REALTIME: "not a fast view"}

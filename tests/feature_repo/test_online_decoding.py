@@ -15,7 +15,9 @@ from feast.protos.feast.types.Value_pb2 import FloatList, StringList
 from feast.protos.feast.types.Value_pb2 import Value as V
 from feast.protos.feast.types.Value_pb2 import ValueType
 
-from pipelines.online_features import OnlineRow, column_decoder, decode_value, float_matrix
+from pipelines.feast_redis.wire import decode_value
+from pipelines.online_decoding import column_decoder, float_matrix
+from pipelines.online_features import OnlineRow
 
 
 def _raw(**kwargs: object) -> bytes:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluate import EvaluationConfig, run_evaluation
+from models.evaluate import run_evaluation
+from models.holdout import EvaluationConfig
 from recsys import schema as S
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,12 +15,13 @@ from mlflow.tracking import MlflowClient
 
 from models.als import embedding_table_path, load_factors
 from models.retrieval import RetrievalIndex, index_path
-from models.tracking import ALS_MODEL_NAME, INDEX_MODEL_NAME, RUN_ID_LABEL, get_bentoml_model
-from models.train import TinyModels, train_tiny_models
+from models.names import ALS_MODEL_NAME, INDEX_MODEL_NAME, RUN_ID_LABEL
+from models.tracking import get_bentoml_model
 from pipelines.canonical import reference_time
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
+from tests.support.models import TinyModels, train_tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from pipelines.realtime_rules import DedupeWindow, Event, Outcome, UserState, fold_events, from_us, to_us
+from pipelines.realtime_rules import DedupeWindow, Event, Outcome, UserState, from_us, to_us
+from tests.support.stream import fold_events
 
 S_ = 1_000_000  # microseconds per second
 W = DedupeWindow(window_us=3600 * S_, max_ids=100)

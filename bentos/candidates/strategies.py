@@ -1,0 +1,138 @@
+"""The candidates of a personalised answer, from four strategies run concurrently: ALS nearest
+items (FAISS, inner product), items similar to each recent item (FAISS, cosine), content (top
+categories and tags of the recent items), trending in the preferred categories; plus the new-item
+exploration slot and the neighbours of one item (/similar_items)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import redis
+
+from bentos.breaker import RedisBreaker
+from bentos.candidates.merge import CandidateSet, rank_scores, take_turns
+from bentos.catalog import ItemCatalog
+from bentos.config import ServingConfig
+from bentos.features import UserFeatures
+from pipelines.trending import GLOBAL_KEY, category_key
+
+#: the strategies, in the order their candidates are kept (deduplication: the first one wins)
+STRATEGIES = ("als", "similar", "content", "trending")
+
+Ranked = tuple[list[int], list[float]]  # item ids, best first, and their scores
+
+
+class Candidates:
+    """Candidate generation: FAISS and trending in the pool, content on the calling thread."""
+
+    def __init__(self, catalog: ItemCatalog, client: redis.Redis, breaker: RedisBreaker, pool: Executor,
+                 index: Any | None, index_lock: threading.Lock, config: ServingConfig,
+                 now: Callable[[], datetime]) -> None:
+        self.catalog = catalog
+        self.client = client
+        self.breaker = breaker
+        self.pool = pool
+        self.index = index
+        self.index_lock = index_lock  # FAISS may not be searched while an item is being added
+        self.config = config
+        self.now = now
+
+    def generate(self, user: UserFeatures, seen: set[int], reasons: list[str]) -> CandidateSet:
+        """Deduplicated (first strategy wins), seen items removed, capped at ``n_candidates`` in
+        strategy order; ``trending`` holds every trending item fetched (the rules boost them)."""
+        cfg = self.config
+        faiss = self.pool.submit(self._faiss, user.vector, user.recent, seen)
+        trending_future = self.pool.submit(self._trending, user.categories, cfg.n_trending + len(seen), reasons)
+        content = self._content(user.recent, seen, cfg.n_content)
+        als, similar = faiss.result()
+        trending = trending_future.result()
+        out = CandidateSet()
+        out.add(*als, "als", seen, cfg.n_als)
+        out.add(*similar, "similar", seen, cfg.n_similar * 5)  # up to n_similar for each of 5 recent items
+        out.add(*content, "content", seen, cfg.n_content)
+        out.add(trending, rank_scores(len(trending)), "trending", seen, cfg.n_trending)
+        out.truncate(cfg.n_candidates)
+        out.trending = set(trending)
+        return out
+
+    def _faiss(self, user_vec: np.ndarray | None, recent: list[int], seen: set[int]) -> tuple[Ranked, Ranked]:
+        """(ALS nearest items, items similar to the recent ones); empty without an index."""
+        from models.retrieval import CandidateConfig, generate_candidates
+
+        empty: Ranked = ([], [])
+        if self.index is None:
+            return empty, empty
+        with self.index_lock:
+            cands = generate_candidates(
+                self.index, user_vec, recent, seen,
+                CandidateConfig(n_als=self.config.n_als, n_similar=self.config.n_similar, max_recent=5))
+        als = [(int(i), float(s)) for i, s, src in zip(cands.item_ids, cands.scores, cands.sources) if src == "als"]
+        sim = [(int(i), float(s)) for i, s, src in zip(cands.item_ids, cands.scores, cands.sources) if src != "als"]
+        return ([i for i, _ in als], [s for _, s in als]), ([i for i, _ in sim], [s for _, s in sim])
+
+    def _content(self, recent: list[int], seen: set[int], n: int) -> Ranked:
+        """Top categories and tags of the recent items -> their most popular items, in turns."""
+        if not recent:
+            return [], []
+        cats = self.catalog.category_of(recent)
+        cat_order = [int(c) for c, _ in sorted(
+            {int(c): int((cats == c).sum()) for c in cats if c >= 0}.items(), key=lambda kv: (-kv[1], kv[0]))][:2]
+        tag_counts: dict[str, int] = {}
+        for item in recent:
+            for tag in self.catalog.tags_of(item):
+                tag_counts[tag] = tag_counts.get(tag, 0) + 1
+        tags = [t for t, _ in sorted(tag_counts.items(), key=lambda kv: (-kv[1], kv[0]))][:3]
+        lists = [self.catalog.by_category.get(c, np.empty(0, np.int64)) for c in cat_order]
+        lists += [self.catalog.by_tag.get(t, np.empty(0, np.int64)) for t in tags]
+        ids = take_turns([lst[: n + len(seen)] for lst in lists], n, seen)
+        return ids, rank_scores(len(ids))
+
+    def _trending(self, categories: list[int], n: int, reasons: list[str]) -> list[int]:
+        """Trending items of up to 5 categories (else overall) in turns, in one pipelined read."""
+        keys = [category_key(c) for c in categories[:5]] or [GLOBAL_KEY]
+
+        def fetch() -> list[list[bytes]]:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.zrevrange(key, 0, n - 1)
+            return pipe.execute()
+
+        ok, lists = self.breaker.call(fetch, reasons, "trending")
+        if not ok:
+            return []
+        return take_turns([[int(m) for m in lst] for lst in lists], n, set())
+
+    def new_item(self, user_id: int, exclude: set[int], prefs: Sequence[int]) -> int | None:
+        """The newest unseen new item (preferred categories first) for a ``new_item_share`` of
+        users, chosen by a stable hash of the user and the hour so an answer is reproducible."""
+        share = self.config.new_item_share
+        if share <= 0 or (hash((user_id, int(self.now().timestamp() // 3600))) % 10_000) >= share * 10_000:
+            return None
+        for categories in ([int(c) for c in prefs] if prefs else None, None):
+            for item in self.catalog.new_items(self.now(), self.config.new_item_days, categories):
+                if int(item) not in exclude:
+                    return int(item)
+        return None
+
+    def similar_to(self, item_id: int, k: int) -> tuple[list[int], list[float], list[str]]:
+        """Nearest items by cosine of ALS vectors; category neighbours when the item has no vector.
+        Raises KeyError for an item in neither."""
+        nearest = None
+        with self.index_lock:
+            if self.index is not None and self.index.item_to_item.contains(np.array([item_id]))[0]:
+                vec = self.index.item_to_item.vectors(np.array([item_id]))
+                nearest = self.index.item_to_item.search(vec, k + 1)
+        if nearest is not None:
+            scores, ids = nearest
+            pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != item_id][:k]
+            return [p[0] for p in pairs], [p[1] for p in pairs], ["similar"] * len(pairs)
+        if item_id not in self.catalog:
+            raise KeyError(item_id)
+        cat = int(self.catalog.category_of([item_id])[0])
+        neighbours = [int(i) for i in self.catalog.by_category.get(cat, []) if i != item_id][:k]
+        return neighbours, rank_scores(len(neighbours)), ["content"] * len(neighbours)

@@ -1,0 +1,229 @@
+"""Training examples for the ranker: label users and their rows (positives, hard and random
+negatives: :func:`sample_examples`), and the rows' point-in-time features (:func:`feature_frame`).
+
+Examples, per label user: positives = the label window's positives (rating >= 4, CLICK or
+stronger) not seen in the fit part that retrieval finds (``missed_positives`` keeps the others
+too); hard negatives = up to ``n_hard`` retrieval candidates
+(:func:`models.retrieval.generate_candidates_batch`) that are not positives; random negatives =
+``n_random`` catalogue items the user never touched.
+
+Features. Every example row is stamped ``t0_u - 1 microsecond`` (just before the user's first
+label event) and joined with Feast's ``get_historical_features``
+(:func:`pipelines.feature_store.get_training_frame`): only feature values stamped at or before that
+time are used. The ALS vectors are not taken from Feast: the embedding views hold the production
+factors (fitted on all data, stamped at the cutoff), which the point-in-time join rightly refuses
+for earlier labels; the rows get the vectors of the fit-part ALS instead. The same goes for what is
+derived from that ALS or its events: the candidate's cosine with the user's ``last_5_items``
+(Feast, point-in-time) uses the row's ALS vectors, and the item statistics (:func:`item_stats`)
+count the ALS's own events (fit part for labels, all of train at test time).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+import pandas as pd
+
+from models.als import Factors
+from models.ranker.features import (
+    COL_RETRIEVED,
+    ITEM_EMBEDDING,
+    RECENT,
+    USER_EMBEDDING,
+    recent_matrix,
+    recent_similarity,
+)
+from models.retrieval import CandidateConfig, Candidates
+from recsys import schema as S
+from recsys.config import Settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+log = logging.getLogger(__name__)
+
+COL_LABEL = "label"
+_COL_ROW = "_row"  # entity row order: Feast hands the frame back in its own order
+ONE_US = timedelta(microseconds=1)
+MAX_WINDOWS = 10  # list ids are user_id * MAX_WINDOWS + window
+
+
+@dataclass(frozen=True)
+class ExampleConfig:
+    """How labels become examples. ``feature_service``: the Feast service the frame is pulled
+    with: ``ranker_v1``, the ranker's service in ``feature_repo/recsys_repo.py``."""
+
+    candidates: CandidateConfig = field(default_factory=lambda: CandidateConfig(n_als=100, n_similar=10))
+    n_hard: int = 150  # every candidate of the default CandidateConfig (100 ALS + 5 x 10 similar)
+    n_random: int = 10
+    #: Keep label positives that retrieval missed. Off: the ranker only ever re-ranks retrieved
+    #: candidates, and on ML-100K the missed ones taught it to prefer what ALS ranks low (the
+    #: two-stage ndcg@10 on the same split fell with them).
+    missed_positives: bool = False
+    feature_service: str = "ranker_v1"
+    #: Label windows: 1 = the last 20% of each user's training events; each further window is
+    #: the last 20% of what precedes the previous one (its own earlier ALS), for more lists.
+    windows: int = 1
+    #: Label users per window, drawn at random (seeded) when more have a positive; None = all.
+    #: The fixed costs (the label ALS, the Feast join, the cross-validated fit) grow with the
+    #: rows, ``n_hard + n_random`` and the positives per user: the cap bounds a large
+    #: catalogue's training time, and ML-100K's label users are all kept.
+    max_users: int | None = 2_000
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.max_users is not None and self.max_users < 1:
+            raise ValueError(f"max_users={self.max_users} must be >= 1 (or None for every label user)")
+        if self.n_hard < 0 or self.n_random < 0:
+            raise ValueError(f"n_hard={self.n_hard} and n_random={self.n_random} must be >= 0")
+        if not 1 <= self.windows <= MAX_WINDOWS:
+            raise ValueError(f"windows={self.windows} must be within 1..{MAX_WINDOWS}")
+        if self.n_hard == 0 and self.n_random == 0:
+            raise ValueError("n_hard=0 and n_random=0 leave no negatives: set one above 0")
+
+
+def first_times(events: DataFrame) -> pd.Series:
+    """Per user, the time of their first event in ``events`` (a label or test window)."""
+    from pyspark.sql import functions as F
+
+    rows = events.groupBy(S.COL_USER).agg(F.min(S.COL_TS).alias(S.COL_TS)).toPandas()
+    return pd.Series(pd.to_datetime(rows[S.COL_TS], utc=True).to_numpy(), index=rows[S.COL_USER].astype(np.int64))
+
+
+def sample_label_users(positives: pd.DataFrame, max_users: int | None,
+                       seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """The label users (those with a positive), sorted, and their positives: all of them, or
+    ``max_users`` drawn without replacement (seeded) when there are more."""
+    users = np.unique(positives[S.COL_USER].to_numpy()).astype(np.int64)
+    if max_users is None or len(users) <= max_users:
+        return users, positives
+    log.info("%d of %d label users sampled (ExampleConfig.max_users)", max_users, len(users))
+    users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    return users, positives[positives[S.COL_USER].isin(users)]
+
+
+def sample_examples(candidates: dict[int, Candidates], positives: pd.DataFrame, seen: dict[int, set[int]],
+                    label_time: pd.Series, catalogue: np.ndarray, cfg: ExampleConfig) -> pd.DataFrame:
+    """(user_id, item_id, event_timestamp, label) rows; ``event_timestamp`` = the user's label
+    time minus one microsecond, so no feature stamped at a label event can join."""
+    rng = np.random.default_rng(cfg.seed)
+    pos_by_user = positives.groupby(S.COL_USER)[S.COL_ITEM].apply(lambda s: set(s.astype(int))).to_dict()
+    users, items, labels, found = [], [], [], []
+    for user, pos in pos_by_user.items():
+        user = int(user)
+        retrieved = {int(i) for i in (candidates[user].item_ids if user in candidates else [])}
+        pos = pos if cfg.missed_positives else pos & retrieved
+        if not pos:
+            continue
+        hard = [int(i) for i in (candidates[user].item_ids if user in candidates else []) if int(i) not in pos]
+        if len(hard) > cfg.n_hard:
+            hard = rng.choice(hard, cfg.n_hard, replace=False).tolist()
+        taken = pos | set(hard) | seen.get(user, set())
+        pool = catalogue[~np.isin(catalogue, list(taken))]
+        rand = rng.choice(pool, min(cfg.n_random, len(pool)), replace=False).tolist() if len(pool) else []
+        chosen = sorted(pos) + hard + [int(i) for i in rand]
+        users += [user] * len(chosen)
+        items += chosen
+        labels += [1.0] * len(pos) + [0.0] * (len(chosen) - len(pos))
+        found += [i in retrieved for i in chosen]
+    frame = pd.DataFrame({S.COL_USER: np.asarray(users, np.int64), S.COL_ITEM: np.asarray(items, np.int64),
+                          COL_LABEL: np.asarray(labels, np.float32), COL_RETRIEVED: np.asarray(found, bool)})
+    frame[S.COL_TS] = frame[S.COL_USER].map(label_time) - ONE_US
+    return frame
+
+
+def candidate_rows(candidates: dict[int, Candidates], when: pd.Series) -> pd.DataFrame:
+    """(user_id, item_id, event_timestamp) for every candidate; time = ``when[user] - 1 us``."""
+    users = np.concatenate([np.full(len(c), u, np.int64) for u, c in candidates.items()] or [np.empty(0, np.int64)])
+    items = np.concatenate([c.item_ids for c in candidates.values()] or [np.empty(0, np.int64)])
+    frame = pd.DataFrame({S.COL_USER: users, S.COL_ITEM: items.astype(np.int64)})
+    frame[S.COL_TS] = frame[S.COL_USER].map(when) - ONE_US
+    return frame
+
+
+def attach_embeddings(frame: pd.DataFrame, factors: Factors) -> pd.DataFrame:
+    """Set ``user_embedding``/``item_embedding`` from ``factors`` (None where a vector is missing)."""
+    out = frame.copy()
+    for column, ids, lookup in ((USER_EMBEDDING, out[S.COL_USER], factors.user_vectors),
+                                (ITEM_EMBEDDING, out[S.COL_ITEM], factors.item_vectors)):
+        vectors, known = lookup(ids.to_numpy(dtype=np.int64))
+        out[column] = [v if k else None for v, k in zip(list(vectors), known)]
+    return out
+
+
+#: Pseudo-events pulling a rarely seen item's mean rating / positive share toward the overall one.
+STATS_PRIOR = 20.0
+
+
+def item_stats(events: DataFrame) -> pd.DataFrame:
+    """Per item of ``events``: ``item_events`` (count), ``item_mean_rating`` (RATING events only;
+    NaN without any) and ``item_positive_rate`` (share of positives by the protocol's rule), the
+    last two smoothed with :data:`STATS_PRIOR` pseudo-events at the overall value. Computed from
+    exactly the events the matching ALS is fitted on: the fit part for label rows, all of train
+    for test rows, so the statistics are as of the same split point as the ALS score."""
+    from pyspark.sql import functions as F
+
+    from models.protocol import positive_condition
+
+    is_rating = F.col(S.COL_EVENT_TYPE) == S.EventType.RATING.value
+    rows = events.groupBy(S.COL_ITEM).agg(
+        F.count(F.lit(1)).alias("n"), F.sum(F.when(is_rating, 1).otherwise(0)).alias("n_ratings"),
+        F.sum(F.when(is_rating, F.col(S.COL_VALUE))).alias("rating_sum"),
+        F.sum(positive_condition().cast("double")).alias("positives"))
+    rows = cast(pd.DataFrame, rows.toPandas()).set_index(S.COL_ITEM)
+    mean_rating = rows["rating_sum"].sum() / max(rows["n_ratings"].sum(), 1)
+    positive_rate = rows["positives"].sum() / max(rows["n"].sum(), 1)
+    out = pd.DataFrame(index=rows.index.astype(np.int64))
+    out["item_events"] = rows["n"].to_numpy(np.float64)
+    out["item_mean_rating"] = np.where(rows["n_ratings"] > 0, (rows["rating_sum"].fillna(0) + STATS_PRIOR * mean_rating)
+                                       / (rows["n_ratings"] + STATS_PRIOR), np.nan)
+    out["item_positive_rate"] = ((rows["positives"] + STATS_PRIOR * positive_rate) / (rows["n"] + STATS_PRIOR)).to_numpy()
+    return out
+
+
+RECENT_ITEMS = "last_5_items"  # Feast's user_realtime view: the user's recent items, latest first
+
+
+def attach_recent_similarity(frame: pd.DataFrame, factors: Factors) -> pd.DataFrame:
+    """``frame`` with :data:`models.ranker.features.RECENT` from its (point-in-time) ``last_5_items`` and
+    ``factors``: the same vectors as the row's ALS score."""
+    recent_ids = recent_matrix(frame[RECENT_ITEMS].tolist() if RECENT_ITEMS in frame else [None] * len(frame))
+    item_vectors, known = factors.item_vectors(frame[S.COL_ITEM].to_numpy(np.int64))
+    values = recent_similarity(np.where(known[:, None], item_vectors, 0.0), recent_ids, factors.item_vectors)
+    out = frame.copy()
+    for column, (name, _) in enumerate(RECENT):
+        out[name] = values[:, column]
+    return out
+
+
+def attach_item_stats(frame: pd.DataFrame, stats: pd.DataFrame | None) -> pd.DataFrame:
+    """``frame`` with :func:`item_stats` columns (NaN for an item without events)."""
+    if stats is None:
+        return frame
+    return frame.drop(columns=[c for c in stats.columns if c in frame.columns]).join(stats, on=S.COL_ITEM)
+
+
+def feature_frame(entity_df: pd.DataFrame, settings: Settings, factors: Factors,
+                  feature_service: str = "ranker_v1", stats: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Point-in-time features for entity rows (Feast), in the rows' own order, with the vectors
+    of ``factors`` and the item statistics ``stats`` of the same events (module docstring)."""
+    from pipelines.feature_store import get_training_frame
+
+    entity = entity_df.reset_index(drop=True).assign(**{_COL_ROW: np.arange(len(entity_df))})
+    started = time.perf_counter()
+    frame = cast(pd.DataFrame, get_training_frame(entity, feature_service, settings=settings))
+    # Feast's Spark join repeats an entity row when a view holds two rows with the same entity,
+    # event time and created time; they carry the same-time values, so one of them is kept
+    duplicated = int(frame.duplicated(_COL_ROW).sum())
+    if duplicated:
+        log.warning("feature frame: %d entity rows came back more than once; kept one of each", duplicated)
+    frame = (frame.drop_duplicates(_COL_ROW, keep="last").sort_values(_COL_ROW).reset_index(drop=True)
+             .drop(columns=[_COL_ROW]))
+    log.info("feature frame: %d rows x %d columns from %r in %.1fs", len(frame), frame.shape[1], feature_service,
+             time.perf_counter() - started)
+    return attach_recent_similarity(attach_item_stats(attach_embeddings(frame, factors), stats), factors)

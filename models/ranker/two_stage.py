@@ -1,0 +1,111 @@
+"""The two-stage model of ``recsys evaluate`` (:func:`two_stage`, a
+:data:`models.holdout.TwoStageFn`): the ranker trained on the evaluation's training events, then
+each scored user's retrieval candidates re-ranked by the exported SavedModel (:func:`rerank`)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from models.als import Popularity
+from models.protocol import rank_with
+from models.ranker.config import RankerConfig
+from models.ranker.examples import ONE_US, ExampleConfig, candidate_rows, feature_frame, first_times, item_stats
+from models.ranker.export import export_ranker
+from models.ranker.scorer import load_scorer
+from models.ranker.training import train_ranker_on
+from models.retrieval import RetrievalIndex, generate_candidates_batch, history
+from recsys import schema as S
+from recsys.config import Settings
+
+if TYPE_CHECKING:
+    from models.holdout import EvalContext
+
+
+def rerank(scorer: Any, frame: pd.DataFrame, users: np.ndarray, catalogue: np.ndarray, fallback: np.ndarray,
+           depth: int, progress: bool = True) -> np.ndarray:
+    """Ranked catalogue columns (len(users) x depth): each user's candidates in ``frame`` by the
+    ranker's logits (ties by item id), then ``fallback`` (that user's row of ALS-ranked columns)
+    for the rest. ``scorer`` is a :class:`models.ranker.scorer.RankerScorer` (the exported
+    SavedModel)."""
+    out = np.full((len(users), depth), -1, dtype=np.int64)
+    logits = scorer.score_frame(frame, progress)  # each user's candidates scored as one list
+    groups = {int(u): rows for u, rows in frame.groupby(S.COL_USER, sort=False).indices.items()} if len(frame) else {}
+    item_ids = frame[S.COL_ITEM].to_numpy(np.int64)
+    for row, user in enumerate(users.tolist()):
+        ranked: list[int] = []
+        rows = groups.get(int(user))
+        if rows is not None and len(rows):
+            ids = item_ids[rows]
+            ranked = ids[np.lexsort((ids, -logits[rows]))].tolist()
+        cols = np.searchsorted(catalogue, np.asarray(ranked, np.int64))
+        chosen = list(dict.fromkeys(cols.tolist()))[:depth]
+        taken = set(chosen)
+        for col in fallback[row].tolist():
+            if len(chosen) >= depth:
+                break
+            if col >= 0 and col not in taken:
+                chosen.append(col)
+                taken.add(col)
+        out[row, : len(chosen)] = chosen
+    return out
+
+
+def train_only_dataset(ctx: EvalContext) -> Settings:
+    """A canonical dataset next to the evaluated one holding its *training* events only, with
+    its daily snapshots, real-time backfill and `feast apply`: every feature the two-stage
+    evaluation joins is then computed from training data, as of each row's time."""
+    from pipelines import feature_store as fs
+    from pipelines.backfill import run_backfill
+    from pipelines.batch_features import DayRange, run_batch_features
+
+    name = f"{ctx.dataset_dir.name}-train"
+    target = ctx.settings.data_path / "canonical" / name
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for entry in ctx.dataset_dir.iterdir():
+        if entry.name != "events":
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, target / entry.name)
+    ctx.train.write.mode("overwrite").parquet(str(target / "events"))
+    settings = ctx.settings.with_overrides(dataset=name, feast_project=f"eval{uuid.uuid4().hex[:8]}")
+    if settings.dataset_path != target:
+        raise RuntimeError(f"dataset path {settings.dataset_path} is not {target}: check Settings.dataset_path")
+    end = ctx.cutoff + ONE_US
+    first = pd.to_datetime(ctx.train_rows[S.COL_TS], utc=True).min().date()
+    run_batch_features(ctx.spark, settings, end, DayRange(first, end.date()))
+    run_backfill(ctx.spark, settings, end)
+    fs.apply(settings)
+    return settings
+
+
+def two_stage(ctx: EvalContext, config: RankerConfig | None = None, examples: ExampleConfig | None = None,
+              depth: int = 20, progress: bool = True) -> np.ndarray:
+    """The report's two-stage model (a ``TwoStageFn`` for :func:`models.evaluate.run_evaluation`):
+    ranker trained on the training data (:mod:`models.ranker.training`), then each scored user's
+    retrieval candidates (from ALS fitted on all of train) re-ranked by the exported SavedModel,
+    with features as of just before the user's first test event."""
+    from pyspark.sql import functions as F
+
+    ex = examples or ExampleConfig()
+    fsettings = train_only_dataset(ctx)
+    items = ctx.spark.read.parquet(str(ctx.dataset_dir / "items")).select(S.COL_ITEM)
+    catalogue = ctx.eval_set.catalogue
+    trained = train_ranker_on(ctx.train, items, catalogue, fsettings, ctx.als, ctx.cleaning, config, ex, progress)
+    folder = export_ranker(trained.fit, ctx.settings.data_path / "models" / "ranker-eval")
+    scorer = load_scorer(folder)
+
+    users = ctx.eval_set.users
+    index = RetrievalIndex.build(ctx.factors)
+    recent, seen = history(ctx.train_rows, ex.candidates.max_recent)
+    candidates = generate_candidates_batch(index, ctx.factors, users, recent, seen, ex.candidates, progress=progress)
+    test_time = first_times(ctx.test.filter(F.col(S.COL_USER).isin([int(u) for u in users])))
+    # item statistics of all training events: the same events as the test-time ALS
+    frame = feature_frame(candidate_rows(candidates, test_time), fsettings, ctx.factors, ex.feature_service,
+                          item_stats(ctx.train))
+    popularity = Popularity.fit(ctx.train_rows)
+    fallback = rank_with(ctx.eval_set, ctx.factors.score_fn(catalogue, fallback=popularity.scores(catalogue)), depth)
+    return rerank(scorer, frame, users, catalogue, fallback, depth, progress)

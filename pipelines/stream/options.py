@@ -1,0 +1,69 @@
+"""How the stream consumer batches, remembers and reports (:class:`StreamOptions`), and the topic's id."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pipelines import trending
+from pipelines.realtime_rules import DedupeWindow
+from recsys.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How the consumer batches, remembers and reports; defaults come from Settings."""
+
+    group_id: str = "recsys-stream"
+    batch_events: int = 5_000
+    batch_ms: int = 100
+    offline_flush_s: float = 60.0
+    offline_batch_rows: int = 100_000
+    window: DedupeWindow = field(default_factory=DedupeWindow)
+    max_future_s: int = 300
+    metrics_port: int | None = None
+    trending: trending.TrendingConfig = field(default_factory=trending.TrendingConfig)
+    trending_publish_s: float = 5.0
+    #: Exit (after flushing and committing) once every assigned partition is read to its end.
+    stop_when_caught_up: bool = False
+    #: Keep every event's freshness (ms) in the stats, for the benchmark.
+    record_freshness: bool = False
+    session_timeout_ms: int = 6_000
+    #: Fold states kept in memory between micro-batches (the most recently used; 0 = none). The
+    #: consumer is the only writer of its partitions' states, so they stay what Redis holds; the
+    #: cache is dropped on every rebalance and a state goes back in only after its transaction.
+    state_cache_users: int = 50_000
+    heartbeat_interval_ms: int = 1_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> StreamOptions:
+        base = cls(
+            group_id=settings.stream_group_id,
+            batch_events=settings.stream_batch_events,
+            batch_ms=settings.stream_batch_ms,
+            offline_flush_s=settings.stream_offline_flush_s,
+            offline_batch_rows=settings.stream_offline_batch_rows,
+            window=DedupeWindow(settings.stream_dedupe_window_s * 1_000_000, settings.stream_dedupe_max_ids),
+            max_future_s=settings.stream_max_future_s,
+            metrics_port=settings.stream_metrics_port,
+            trending=trending.TrendingConfig.from_settings(settings),
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def topic_id(settings: Settings, topic: str) -> str:
+    """The broker's id of this incarnation of the topic ("" when the broker does not say)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.effective_kafka_bootstrap, client_id="recsys-stream-admin")
+    try:
+        described = admin.describe_topics([topic])
+        return str(described[0].get("topic_id") or "") if described else ""
+    except Exception:  # noqa: BLE001 - an old broker without topic ids: the watermark key stays generic
+        log.warning("could not read the topic id of %s", topic, exc_info=True)
+        return ""
+    finally:
+        admin.close()
