@@ -13,6 +13,21 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def provenance() -> dict[str, Any]:
+    """Which code and which arguments produced a result: the git commit (``+dirty`` when the
+    working tree had uncommitted changes) and the command line after the module name."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=RESULTS.parent.parent, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git_commit": commit + ("+dirty" if dirty else ""), "arguments": sys.argv[1:]}
+
+
 def machine() -> dict[str, Any]:
     import os
 
@@ -23,11 +38,14 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(name: str, numbers: dict[str, Any], table_rows: list[tuple[str, str]], notes: str = "") -> Path:
-    """Write results/NAME.json (numbers plus machine facts) and results/NAME.md (a short table)."""
+    """Write results/NAME.json (numbers, the code and arguments that produced them, machine facts)
+    and results/NAME.md (a short table)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({**numbers, "machine": machine()}, indent=2) + "\n")
-    lines = [f"# {name}", "", "| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in table_rows]]
+    source = provenance()
+    path.write_text(json.dumps({**numbers, **source, "machine": machine()}, indent=2) + "\n")
+    lines = [f"# {name}", "", f"commit `{source['git_commit']}`, arguments `{' '.join(source['arguments']) or '(none)'}`",
+             "", "| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in table_rows]]
     if notes:
         lines += ["", notes]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")

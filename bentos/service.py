@@ -33,12 +33,11 @@ from bentos.schemas import (
     RecommendResponse,
     SimilarItemsResponse,
 )
+from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL
 from recsys import schema as S
 
 log = logging.getLogger("bentos.service")
 
-INDEX_MODEL = "item_index"  # models.tracking.BENTO_INDEX_MODEL
-RANKER_MODEL = "ranker"
 WRITE_ROUTES = ("/events", "/items")
 
 
@@ -54,8 +53,8 @@ def _pinned(name: str) -> Any:
 
 @bentoml.service(name="recsys", traffic={"timeout": 10, "max_concurrency": 256}, workers=1)
 class Recommender:
-    index_model = _pinned(INDEX_MODEL)
-    ranker_model = _pinned(RANKER_MODEL)
+    index_model = _pinned(BENTO_INDEX_MODEL)
+    ranker_model = _pinned(BENTO_RANKER_MODEL)
 
     def __init__(self) -> None:
         from bentos.factory import build_engine, new_items_log
@@ -63,8 +62,8 @@ class Recommender:
 
         self.settings = load_settings()
         versions: dict[str, str] = {}
-        index_dir = self._model_dir(self.index_model, INDEX_MODEL, "index", versions)
-        ranker_dir = self._model_dir(self.ranker_model, RANKER_MODEL, "ranker", versions)
+        index_dir = self._model_dir(self.index_model, BENTO_INDEX_MODEL, "index", versions)
+        ranker_dir = self._model_dir(self.ranker_model, BENTO_RANKER_MODEL, "ranker", versions)
         self.engine = build_engine(self.settings, index_dir, ranker_dir, model_versions=versions)
         self.cache = AsyncCacheReader(self.engine.cache, self.settings.effective_redis_url)
         self.new_items_path = new_items_log(self.settings)

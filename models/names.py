@@ -13,7 +13,7 @@ ALS_MODEL_NAME = "recsys-als"
 INDEX_MODEL_NAME = "recsys-item-index"
 RANKER_MODEL_NAME = "recsys-ranker"
 
-#: BentoML model names; ``bentos/service.py`` pins the same names.
+#: BentoML model names (``bentos/service.py`` pins them).
 BENTO_INDEX_MODEL = "item_index"
 BENTO_RANKER_MODEL = "ranker"
 
