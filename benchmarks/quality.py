@@ -1,9 +1,12 @@
 """Benchmark: recommendation quality on ML-100K under the one protocol (models.protocol).
 
 Run: ``python -m benchmarks.quality`` -> ``benchmarks/results/quality.json`` (popularity_*, als_*,
-two_stage_* (ALS candidates re-ranked by the TensorFlow ranker), plus the whole evaluation report), ``quality.md`` (a
-table) and ``quality.png`` (ndcg@k for k = 1..20). It runs the same pipeline as ``recsys evaluate`` (tuning ALS on the validation
-split), in a temporary workspace. MovieLens is read from ../shared/data/ml-100k or $RECSYS_ML100K.
+two_stage_* (ALS candidates re-ranked by the TensorFlow ranker): accuracy and the beyond-accuracy
+measures coverage@10, novelty@10, ild@10 and arp@10, plus the whole evaluation report),
+``quality.md`` (a table), ``quality.png`` (ndcg@k for k = 1..20) and ``quality_beyond.png``
+(ndcg@10 against coverage, novelty, diversity and popularity, one point per row). It runs the same
+pipeline as ``recsys evaluate`` (tuning ALS on the validation split), in a temporary workspace.
+MovieLens is read from ../shared/data/ml-100k or $RECSYS_ML100K.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("popularity", "als", "two_stage")
-METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10")
+ACCURACY = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+#: Beyond-accuracy measures of the same top-10 lists (models.beyond_accuracy), with axis labels.
+BEYOND = {"coverage@10": "catalogue coverage@10", "novelty@10": "novelty@10 (bits)",
+          "ild@10": "intra-list diversity@10 (ALS cosine)", "arp@10": "avg recommended popularity@10"}
+METRICS = (*ACCURACY, *BEYOND)
 #: Measured by the issue's author on the same split with public implementations.
 REFERENCE = {"popularity": (0.096, 0.090), "implicit ALS (tuned)": (0.180, 0.163), "EASE (lambda 100)": (0.183, 0.163)}
 
@@ -57,14 +64,46 @@ def plot_ndcg_curves(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_beyond_accuracy(report: dict[str, Any], path: Path) -> Path:
+    """ndcg@10 against each beyond-accuracy measure, one labelled point per row of the report:
+    where a model trades accuracy for coverage, novelty or diversity."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BEYOND), figsize=(4 * len(BEYOND), 3.6))
+    for ax, (metric, label) in zip(axes, BEYOND.items()):
+        for name in MODELS:
+            x, y = report.get(f"{name}_{metric}"), report.get(f"{name}_ndcg@10")
+            if x is not None and y is not None:
+                ax.scatter([x], [y], s=30)
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.margins(0.2)  # room for the labels at the edges
+        ax.set_xlabel(label)
+        ax.set_ylabel("ndcg@10")
+        ax.grid(alpha=0.3)
+    fig.suptitle("ML-100K: accuracy against beyond-accuracy measures (top 10)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _cell(metric: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1f}" if metric.startswith("arp@") else f"{value:.4f}"  # ARP is a count, not a share
+
+
 def model_table(report: dict[str, Any]) -> str:
     lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for name in MODELS:
-        values = [report.get(f"{name}_{m}") for m in METRICS]
-        cells = ["—" if v is None else f"{v:.4f}" for v in values]
+        cells = [_cell(m, report.get(f"{name}_{m}")) for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    blanks = " |" * (len(METRICS) - 2)
     for name, (recall, ndcg) in REFERENCE.items():
-        lines.append(f"| reference: {name} | {recall:.3f} | {ndcg:.3f} | | | |")
+        lines.append(f"| reference: {name} | {recall:.3f} | {ndcg:.3f} |{blanks}")
     return "\n".join(lines)
 
 
@@ -81,7 +120,7 @@ def main() -> None:
     config = EvaluationConfig(grid=None) if args.no_tune else EvaluationConfig()
     report = run_evaluation(ml100k_path(), None, config=config, track=False,
                             two_stage=None if args.no_two_stage else two_stage)
-    numbers: dict[str, Any] = {f"{name}_{m}": report[f"{name}_{m}"] for name in MODELS for m in METRICS}
+    numbers: dict[str, Any] = {f"{name}_{m}": report.get(f"{name}_{m}") for name in MODELS for m in METRICS}
     numbers["als_hyperparameters"] = report["hyperparameters"]["als"]
     numbers["tuned"] = report["hyperparameters"]["tuned"]
     numbers["ndcg_curves"] = {name: (report["models"][name] or {}).get("ndcg_curve") for name in MODELS}
@@ -89,17 +128,19 @@ def main() -> None:
     numbers["timings"] = report["timings"]
     numbers["report"] = report  # the whole `recsys evaluate` report, for anything not above
     plot = plot_ndcg_curves(report, RESULTS / "quality.png")
+    beyond_plot = plot_beyond_accuracy(report, RESULTS / "quality_beyond.png")
     rows = [(k, "—" if numbers[k] is None else f"{numbers[k]:.4f}") for k in
             (f"{n}_{m}" for n in MODELS for m in ("recall@10", "ndcg@10"))]
     best = report["hyperparameters"]["als"]
     notes = (f"{model_table(report)}\n\nALS: rank {best['rank']}, regParam {best['reg_param']}, alpha {best['alpha']}, "
              f"{best['max_iter']} iterations ({'tuned on the validation split' if numbers['tuned'] else 'defaults'}). "
              f"Protocol: docs/training.md. Full report: quality.json, key `report`; "
-             f"ndcg@k curves: {plot.name}. two_stage: the ALS candidates (models.retrieval) "
+             f"ndcg@k curves: {plot.name}; ndcg@10 against the beyond-accuracy measures "
+             f"(defined in docs/training.md): {beyond_plot.name}. two_stage: the ALS candidates (models.retrieval) "
              f"re-ranked by the TensorFlow ranker (models.ranker.two_stage). "
              f"Total {report['timings']['total_s']}s on this machine.")
     path = write_results("quality", numbers, rows, notes=notes)
-    log.info("wrote %s and %s", path, plot)
+    log.info("wrote %s, %s and %s", path, plot, beyond_plot)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The serving configuration every stage of /recommend reads: candidate quotas, cold start,
-exploration, cache size and TTL, the ranker's time budget, the Redis retry window."""
+exploration, cache size and TTL, the ranker's time budget and its executor, the Redis retry
+window. Invalid values fail at construction with the field named."""
 
 from __future__ import annotations
 
@@ -20,7 +21,31 @@ class ServingConfig:
     new_item_days: int = 7
     cache_size: int = 100
     cache_ttl_s: int = 600
-    ranker_timeout_ms: float = 50.0
+    #: the ranker's budget per call: a fixed value, or None to measure it at start-up as
+    #: max(ranker_timeout_floor_ms, scoring p99 x ranker_timeout_headroom) (bentos.ranker_call)
+    ranker_timeout_ms: float | None = None
+    ranker_timeout_floor_ms: float = 25.0
+    ranker_timeout_headroom: float = 3.0
+    ranker_warmup_calls: int = 50  # timed calls at start-up, after one untimed (graph building) call
+    #: the ranker's own executor: threads, and calls allowed to wait for one; beyond that a
+    #: request skips the ranker at once (cosine fallback, reason "ranker busy")
+    ranker_workers: int = 2
+    ranker_queue: int = 8
     redis_retry_s: float = 1.0
     blend_weights: Mapping[str, float] = field(
         default_factory=lambda: {"als": 1.0, "similar": 0.8, "content": 0.5, "trending": 0.6})
+
+    def __post_init__(self) -> None:
+        if self.ranker_timeout_ms is not None and not self.ranker_timeout_ms > 0:
+            raise ValueError(f"ranker_timeout_ms={self.ranker_timeout_ms} must be > 0 "
+                             "(or None to measure the budget at start-up)")
+        if not self.ranker_timeout_floor_ms > 0:
+            raise ValueError(f"ranker_timeout_floor_ms={self.ranker_timeout_floor_ms} must be > 0")
+        if not self.ranker_timeout_headroom >= 1.0:
+            raise ValueError(f"ranker_timeout_headroom={self.ranker_timeout_headroom} must be >= 1 "
+                             "(a budget under the measured p99 times out on purpose)")
+        for name in ("ranker_warmup_calls", "ranker_workers", "cache_size", "n_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.ranker_queue < 0:
+            raise ValueError(f"ranker_queue={self.ranker_queue} must be >= 0 (0: no call waits for a thread)")

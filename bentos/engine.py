@@ -2,13 +2,17 @@
 the precompute job both call. :meth:`RecommendationEngine.recommend` runs the stages in order:
 
 1. cache (bentos.cache): ``recs:{user_id}`` (JSON, the top ``cache_size``) -> sliced to k on a hit;
+   concurrent misses with the same user, k and context are computed once (single flight,
+   bentos.single_flight) and share the answer;
 2. features (bentos.features): one pipelined read of the user's profile, real-time and embedding
-   features;
+   features; what needs only the user id (the items bought, the overall trending list) is read
+   at the same time in the pool;
 3. candidates (bentos.candidates): cold start below ``cold_start_threshold`` interactions (history
    and stream together) or with onboarding categories: popular items with exploration items;
    otherwise four strategies run concurrently (ALS, similar items, content, trending), seen and
    purchased items removed;
-4. scoring (bentos.scoring): the ranker in one batch, with its fallbacks, to scores in [0, 1];
+4. scoring (bentos.scoring): the ranker in one batch on its own bounded executor under its time
+   budget (bentos.ranker_call), with its fallbacks, to scores in [0, 1];
 5. rules (bentos.rules): stock, purchases, margin, quality, trending, diversity;
 6. answer (bentos.answer): the top ``cache_size`` cached (off the response path), the first k
    returned; a ``new_item_share`` of personalised answers show one new item in the last slot.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -41,11 +45,17 @@ from bentos.config import ServingConfig
 from bentos.features import OnlineFeatures, UserFeatures
 from bentos.metrics import METRICS, stage
 from bentos.scoring import Scorer, Scoring
+from bentos.single_flight import SingleFlight
+
+#: threads shared by candidate generation, the reads started with the features, and cache writes
+#: (the ranker has its own: bentos.ranker_call); they mostly wait on Redis or run FAISS, which
+#: releases the GIL
+POOL_THREADS = 8
 
 
 class RecommendationEngine:
     """Holds the shared resources (catalogue, Redis client, FAISS index and its lock, worker pool,
-    breaker) and one object per stage; ``recommend`` calls them in order."""
+    breaker, single flight) and one object per stage; ``recommend`` calls them in order."""
 
     def __init__(
         self,
@@ -65,36 +75,34 @@ class RecommendationEngine:
         self.now = now or (lambda: catalog.snapshot_time or datetime.now().astimezone())
         self.model_versions = dict(model_versions or {})
         self.breaker = RedisBreaker(cfg.redis_retry_s)
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="recsys")
+        self._pool = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="recsys")
+        self.flights: SingleFlight[Recommendation] = SingleFlight()
         #: FAISS may not be searched while an item is being added (POST /items): both take this lock
         self.index_lock = threading.Lock()
         self.cache = RecommendationCache(client, self.breaker, self._pool, cfg.cache_ttl_s, self.model_versions)
         self.features = OnlineFeatures(read_features, client, self.breaker)
         self.cold_start = ColdStart(catalog, cfg.cache_size, cfg.exploration_every, self.now)
         self.candidates = Candidates(catalog, client, self.breaker, self._pool, index, self.index_lock, cfg, self.now)
-        self.scoring = Scoring(scorer, index, self.index_lock, self._pool, cfg)
+        self.scoring = Scoring(scorer, index, self.index_lock, cfg)
         self.answer = Answer(catalog, cfg.cache_size, self.model_versions)
 
     def recommend(self, user_id: int, k: int = 10, context: Mapping[str, Any] | None = None,
                   use_cache: bool = True, cache_checked: bool = False) -> Recommendation:
         """``use_cache=False`` neither reads nor writes ``recs:{user_id}`` (the precompute job
         writes the cache itself, with its own TTLs). ``cache_checked=True``: the caller already
-        looked the cache up and missed (the service does that on its event loop), so skip the read."""
+        looked the cache up and missed (the service does that on its event loop), so skip the read.
+        Concurrent misses with equal arguments share one computation and its answer object."""
         context = dict(context or {})
-        onboarding = [int(c) for c in context.get("categories") or []]
         if use_cache and not cache_checked:
             hit = self.cache.read(user_id, k, context)
             if hit is not None:
                 return hit
         METRICS.cache.labels(result="miss").inc()
-        reasons: list[str] = []
-        with stage("features"):
-            user = self.features.user(user_id, reasons)
-        if user is None:  # Redis is down: popular items from memory
-            return self._popular_answer(user_id, k, reasons)
-        if user.interactions < self.config.cold_start_threshold or onboarding:
-            return self._cold_start(user_id, user, k, onboarding, reasons, cache=use_cache and not onboarding)
-        return self._personalised(user_id, user, k, context, reasons, cache=use_cache)
+        key = (user_id, k, use_cache, repr(sorted(context.items())))
+        rec, shared = self.flights.run(key, lambda: self._compute(user_id, k, context, use_cache))
+        if shared:
+            METRICS.coalesced.inc()
+        return rec
 
     def similar_items(self, item_id: int, k: int = 10) -> list[dict[str, Any]]:
         """Nearest items by cosine of ALS vectors; category neighbours when the item has no vector.
@@ -103,17 +111,37 @@ class RecommendationEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self.scoring.close()
 
     # ---- the three paths of a cache miss -----------------------------------------------------
 
+    def _compute(self, user_id: int, k: int, context: Mapping[str, Any], use_cache: bool) -> Recommendation:
+        """A cache miss: the features (with the reads that need only the user id started beside
+        them), then cold start, the personalised flow, or popular items when Redis is down."""
+        onboarding = [int(c) for c in context.get("categories") or []]
+        reasons: list[str] = []
+        purchased_read = self._pool.submit(_with_reasons, self.features.purchased, user_id)
+        trending_read = self._pool.submit(_with_reasons, self.candidates.overall_trending)
+        with stage("features"):
+            user = self.features.user(user_id, reasons)
+            if user is None:  # Redis is down: popular items from memory
+                trending_read.cancel()
+                return self._popular_answer(user_id, k, reasons)
+            purchased = _collect(purchased_read, reasons)
+        if user.interactions < self.config.cold_start_threshold or onboarding:
+            trending_read.cancel()  # cold start needs no trending list: skip the read if not begun
+            return self._cold_start(user_id, user, k, onboarding, purchased, reasons,
+                                    cache=use_cache and not onboarding)
+        return self._personalised(user_id, user, k, context, purchased, trending_read, reasons, cache=use_cache)
+
     def _personalised(self, user_id: int, user: UserFeatures, k: int, context: Mapping[str, Any],
+                      purchased: set[int], trending_read: Future[tuple[list[int], list[str]]],
                       reasons: list[str], cache: bool) -> Recommendation:
-        purchased = self.features.purchased(user_id, reasons)
         seen = set(user.recent) | purchased
         with stage("candidates"):
-            cands = self.candidates.generate(user, seen, reasons)
+            cands = self.candidates.generate(user, seen, reasons, _collect(trending_read, reasons))
         if not cands.item_ids:
-            return self._cold_start(user_id, user, k, [], reasons, cache)
+            return self._cold_start(user_id, user, k, [], purchased, reasons, cache)
         with stage("item_features"):
             item_feats = self.features.items(cands.item_ids, reasons)
         with stage("scoring"):
@@ -128,11 +156,11 @@ class RecommendationEngine:
             ranked.insert(min(k, len(ranked)) - 1, new_item, "new_item")
         return self._finish(user_id, ranked, k, False, reasons, cache)
 
-    def _cold_start(self, user_id: int, user: UserFeatures, k: int, onboarding: list[int],
+    def _cold_start(self, user_id: int, user: UserFeatures, k: int, onboarding: list[int], purchased: set[int],
                     reasons: list[str], cache: bool) -> Recommendation:
         with stage("cold_start"):
             cands = self.cold_start.candidates(user, onboarding)
-            ruled = self._rule_popular(cands, self.features.purchased(user_id, reasons))
+            ruled = self._rule_popular(cands, purchased)
         return self._finish(user_id, RankedList.from_ruled(ruled, cands.strategies), k, True, reasons, cache)
 
     def _popular_answer(self, user_id: int, k: int, reasons: list[str]) -> Recommendation:
@@ -156,3 +184,16 @@ class RecommendationEngine:
         if cache and not reasons:  # a degraded answer is never cached: the next request retries
             self.cache.write(rec)
         return rec
+
+
+def _with_reasons(read: Callable[..., Any], *args: Any) -> tuple[Any, list[str]]:
+    """Run a read in the pool with reasons of its own: the request's list only takes them in
+    :func:`_collect`, so a read that finishes after the answer was built cannot change it."""
+    reasons: list[str] = []
+    return read(*args, reasons), reasons
+
+
+def _collect(future: Future[tuple[Any, list[str]]], reasons: list[str]) -> Any:
+    value, why = future.result()
+    reasons.extend(why)
+    return value

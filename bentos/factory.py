@@ -54,32 +54,37 @@ def load_scorer(folder: Path | None) -> Scorer | None:
 
 def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: Path | None = None,
                  config: ServingConfig | None = None, model_versions: Mapping[str, str] | None = None,
-                 client: redis.Redis | None = None) -> RecommendationEngine:
+                 client: redis.Redis | None = None, scorer: Scorer | None = None) -> RecommendationEngine:
+    """The engine with the catalogue, the online reader, the index of ``index_dir`` and the
+    ranker of ``ranker_dir`` (or ``scorer``, already loaded), items added while serving replayed,
+    and the ranker warmed up with its time budget measured (:meth:`Scoring.calibrate`)."""
     from pipelines.feature_store import get_store
     from pipelines.online_features import OnlineFeatureReader
 
     client = client or redis_client(settings)
     catalog = ItemCatalog.from_item_profile(T.table_path(settings, T.ITEM_PROFILE))
     reader = OnlineFeatureReader(settings, USER_FEATURES, ITEM_FEATURES, store=get_store(settings), client=client)
-    config = config or ServingConfig(cache_ttl_s=settings.recs_cache_ttl_seconds)
+    config = config or ServingConfig(cache_ttl_s=settings.recs_cache_ttl_seconds,
+                                     ranker_timeout_ms=settings.ranker_timeout_ms,
+                                     ranker_timeout_headroom=settings.ranker_timeout_headroom)
     engine = RecommendationEngine(catalog, client, reader.read, index=load_index(index_dir),
-                                  scorer=load_scorer(ranker_dir), config=config, model_versions=model_versions)
+                                  scorer=scorer or load_scorer(ranker_dir), config=config,
+                                  model_versions=model_versions)
     replay_new_items(engine, new_items_log(settings))
     if engine.scoring.scorer is not None:
-        warm_up(engine.scoring.scorer)
+        engine.scoring.calibrate(warm_up_items(catalog, config.n_candidates))
     log.info("engine ready: %d items in the catalogue, index %s, ranker %s", len(catalog),
              "loaded" if engine.index is not None else "absent (popularity and content only)",
-             "loaded" if engine.scoring.scorer is not None else "absent (strategy blend)")
+             f"loaded, budget {engine.scoring.budget.describe()}" if engine.scoring.scorer is not None
+             else "absent (strategy blend)")
     return engine
 
 
-def warm_up(scorer: Scorer) -> None:
-    """One throw-away call, so TensorFlow builds its graph before the first request's timeout."""
-    items = {ref.partition(":")[2]: [None] for ref in ITEM_FEATURES}
-    try:
-        scorer.score({}, items, np.array([0], dtype=np.int64), np.zeros(1), {})
-    except Exception:  # noqa: BLE001 - a broken model shows up as fallbacks, counted per request
-        log.warning("ranker warm-up failed: requests will fall back to cosine scores", exc_info=True)
+def warm_up_items(catalog: ItemCatalog, n: int) -> np.ndarray:
+    """``n`` item ids for the ranker's warm-up batch: the most popular, repeated if the catalogue
+    is smaller (the batch's size is what its time depends on)."""
+    popular = np.asarray(catalog.popular, dtype=np.int64)
+    return np.resize(popular, n) if len(popular) else np.zeros(n, dtype=np.int64)
 
 
 def add_item(engine: RecommendationEngine, item: Mapping[str, Any]) -> str:

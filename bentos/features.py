@@ -12,6 +12,9 @@ import numpy as np
 import redis
 
 from bentos.breaker import RedisBreaker
+from recsys.schema import purchased_key  # one definition: the stream writes the set
+
+__all__ = ["ITEM_FEATURES", "USER_FEATURES", "OnlineFeatures", "UserFeatures", "purchased_key"]
 
 USER_FEATURES = (
     "user_profile:n_events",
@@ -37,11 +40,6 @@ ITEM_FEATURES = (
     "item_profile:image_url",
     "item_embedding:item_embedding",
 )
-
-
-def purchased_key(user_id: int) -> str:
-    """A Redis set of the items a user bought (rule: already purchased items are removed)."""
-    return f"purchased:{user_id}"
 
 
 @dataclass(frozen=True)

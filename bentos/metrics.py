@@ -40,11 +40,50 @@ class _Metrics:
 
         return Counter(
             name="recsys_fallbacks_total",
-            documentation="Degraded paths taken: ranker_timeout, ranker_error, redis, popular",
+            documentation="Degraded paths taken: ranker_timeout, ranker_error, ranker_busy, redis, popular",
             labelnames=["kind"])
+
+    @cached_property
+    def ranker_budget(self) -> Any:
+        from prometheus_client import Gauge
+
+        # one value per live worker (each measures its own at start-up)
+        return Gauge(
+            name="recsys_ranker_budget_seconds",
+            documentation="The ranker's time budget per call (configured, or measured scoring p99 x headroom)",
+            multiprocess_mode="liveall")
+
+    @cached_property
+    def coalesced(self) -> Any:
+        from prometheus_client import Counter
+
+        return Counter(
+            name="recsys_coalesced_requests_total",
+            documentation="Cache misses answered by an identical concurrent miss's computation (single flight)")
+
+    @cached_property
+    def unknown_context_keys(self) -> Any:
+        from prometheus_client import Counter
+
+        # labelled by endpoint only (a fixed set): a raw key would let clients create series at will
+        return Counter(
+            name="recsys_context_unknown_keys_total",
+            documentation="Keys inside a request's context that this version does not know (accepted, ignored)",
+            labelnames=["endpoint"])
 
 
 METRICS = _Metrics()
+
+#: The endpoints that take a context: the only values of recsys_context_unknown_keys_total's label.
+CONTEXT_ENDPOINTS = ("recommend", "events")
+
+
+def count_unknown_context_keys(endpoint: str, n_keys: int) -> None:
+    """Count ``n_keys`` unknown context keys of one ``endpoint`` request (one of CONTEXT_ENDPOINTS)."""
+    if endpoint not in CONTEXT_ENDPOINTS:
+        raise ValueError(f"endpoint {endpoint!r} is not one of {CONTEXT_ENDPOINTS}: add it there first")
+    if n_keys:
+        METRICS.unknown_context_keys.labels(endpoint=endpoint).inc(n_keys)
 
 
 @contextmanager

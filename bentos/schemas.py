@@ -1,11 +1,15 @@
 """Request and response models of the service. Every bound is checked at the boundary, so bad
-input is a 4xx that names the field, never a 500."""
+input is a 4xx that names the field, never a 500.
+
+Forward compatibility: a key inside ``context`` that this version does not know is accepted,
+dropped and counted (clients add context fields before the service reads them); a known key is
+still validated, and an unknown field at the top level of a request is still a 400."""
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 Device = Literal["mobile", "desktop", "tablet"]
 Referrer = Literal["direct", "search", "social", "email"]
@@ -13,18 +17,55 @@ EventKind = Literal["VIEW", "CLICK", "ADD_TO_CART", "PURCHASE", "RATING"]
 
 
 class Context(BaseModel):
-    """Request context. ``categories`` are onboarding categories for new users."""
+    """Request context. ``categories`` are onboarding categories for new users.
 
-    model_config = ConfigDict(extra="forbid")
+    Keys it does not declare are dropped after validation (nothing downstream sees them: not the
+    engine, not the event sent to Kafka) and their number kept in :attr:`unknown_keys`, for the
+    service to count; the declared keys keep their checks."""
+
+    model_config = ConfigDict(extra="allow")
 
     device: Optional[Device] = None
     location: Optional[str] = Field(None, min_length=2, max_length=2, pattern=r"^[A-Z]{2}$")
     referrer: Optional[Referrer] = None
     categories: Optional[list[int]] = Field(None, max_length=20)
+    _unknown_keys: int = PrivateAttr(default=0)
 
     def model_post_init(self, _: object) -> None:
+        extra = self.__pydantic_extra__
+        if extra:
+            self._unknown_keys = len(extra)
+            extra.clear()
         if self.categories is not None and any(c < 0 for c in self.categories):
             raise ValueError("context.categories must hold category ids >= 0")
+
+    @property
+    def unknown_keys(self) -> int:
+        """How many keys of the request's context this version does not know (and ignored)."""
+        return self._unknown_keys
+
+
+class RecommendRequest(BaseModel):
+    """The body of POST /recommend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: int = Field(..., ge=0)
+    k: int = Field(10, ge=1, le=100)
+    context: Optional[Context] = None
+
+
+class EventRequest(BaseModel):
+    """The body of POST /events: the server fills ``event_id`` and the time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: int = Field(..., ge=0)
+    item_id: int = Field(..., ge=0)
+    event_type: EventKind
+    value: Optional[float] = Field(None, ge=0)
+    session_id: Optional[str] = None
+    context: Optional[Context] = None
 
 
 class RecommendedItem(BaseModel):

@@ -1,6 +1,7 @@
 """The scoring stage of /recommend: the :class:`Scorer` protocol (the ranker as the service sees
-it), one batched ranker call under a time budget, and its fallbacks: the cosine of user and item
-embeddings on timeout or error, a blend of the strategies' scores with no ranker. Scores leave in
+it), one batched ranker call on the ranker's own executor under a time budget
+(bentos.ranker_call), and its fallbacks: the cosine of user and item embeddings when the ranker
+times out, fails or is busy, a blend of the strategies' scores with no ranker. Scores leave in
 [0, 1], what the business rules expect."""
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
@@ -17,8 +17,9 @@ import numpy as np
 from bentos import rules
 from bentos.candidates.merge import CandidateSet
 from bentos.config import ServingConfig
-from bentos.features import UserFeatures
+from bentos.features import ITEM_FEATURES, UserFeatures
 from bentos.metrics import METRICS
+from bentos.ranker_call import RankerBudget, RankerBusy, RankerExecutor, choose_budget, measure_scoring
 
 log = logging.getLogger(__name__)
 
@@ -35,34 +36,62 @@ class Scorer(Protocol):
 class Scoring:
     """Scores candidates with the ranker when there is one, else by the fallbacks (module docstring)."""
 
-    def __init__(self, scorer: Scorer | None, index: Any | None, index_lock: threading.Lock, pool: Executor,
+    def __init__(self, scorer: Scorer | None, index: Any | None, index_lock: threading.Lock,
                  config: ServingConfig) -> None:
         self.scorer = scorer
         self.index = index
         self.index_lock = index_lock  # FAISS may not be read while an item is being added
-        self.pool = pool
         self.config = config
+        self.executor = RankerExecutor(config.ranker_workers, config.ranker_queue)
+        self.budget = self._set_budget(choose_budget(config))  # until calibrate() measures one
+
+    def calibrate(self, item_ids: Sequence[int] | np.ndarray) -> RankerBudget:
+        """Warm the ranker up on a full candidate batch of ``item_ids`` (their features imputed,
+        as for an unknown user) and set the budget from the measured
+        scoring p99 (``choose_budget``); logs the budget and publishes it as the
+        ``recsys_ranker_budget_seconds`` gauge. Without a ranker the budget stays as it is."""
+        if self.scorer is None:
+            return self.budget
+        scorer = self.scorer
+        ids = np.asarray(item_ids, dtype=np.int64)[: self.config.n_candidates]
+        items: dict[str, Any] = {ref.partition(":")[2]: [None] * len(ids) for ref in ITEM_FEATURES}
+        items.update(self.recent_similarity({}, ids))
+        timings = measure_scoring(self.executor, lambda: scorer.score({}, items, ids, np.zeros(len(ids)), {}),
+                                  self.config.ranker_warmup_calls)
+        self._set_budget(choose_budget(self.config, timings))
+        log.info("ranker budget per call: %s, from %d timed calls of %d candidates",
+                 self.budget.describe(), len(timings), len(ids))
+        return self.budget
+
+    def close(self) -> None:
+        self.executor.shutdown()
+
+    def _set_budget(self, budget: RankerBudget) -> RankerBudget:
+        self.budget = budget
+        METRICS.ranker_budget.set(budget.seconds)
+        return budget
 
     def score(self, user: UserFeatures, item_feats: Mapping[str, Sequence[Any]] | None, cands: CandidateSet,
               context: Mapping[str, Any], reasons: list[str]) -> np.ndarray:
-        """One score in [0, 1] per candidate. A ranker timeout or error is counted, gives a reason
-        (the answer is degraded) and falls back to the cosine; without item features, a user
-        vector or a ranker, to the blend."""
+        """One score in [0, 1] per candidate. A ranker timeout, error or busy executor (every
+        ranker thread taken and its queue full: the ranker is skipped without waiting) is counted,
+        gives a reason (the answer is degraded) and falls back to the cosine; without item
+        features, a user vector or a ranker, to the blend."""
         ids = np.asarray(cands.item_ids, dtype=np.int64)
         strat_scores = np.asarray(cands.scores, dtype=np.float64)
         if self.scorer is not None and item_feats is not None:
             inputs = {**item_feats, **self.recent_similarity(user.values, ids)}
-            future = self.pool.submit(self.scorer.score, user.values, inputs, ids, strat_scores, context)
             try:
-                logits = np.asarray(future.result(timeout=self.config.ranker_timeout_ms / 1000.0), dtype=np.float64)
+                logits = np.asarray(self.executor.call(self.scorer.score, user.values, inputs, ids, strat_scores,
+                                                       context, timeout_s=self.budget.seconds), dtype=np.float64)
                 if logits.shape == ids.shape and np.isfinite(logits).all():
                     return rules.to_unit(logits, "logit")
                 raise ValueError(f"ranker returned shape {logits.shape} or non-finite scores")
-            except (FutureTimeout, Exception) as exc:  # noqa: BLE001 - any ranker failure degrades, never 500s
-                kind = "ranker_timeout" if isinstance(exc, FutureTimeout) else "ranker_error"
+            except Exception as exc:  # noqa: BLE001 - any ranker failure degrades, never 500s
+                kind = fallback_kind(exc)
                 METRICS.fallbacks.labels(kind=kind).inc()
                 reasons.append(kind.replace("_", " "))
-                log.warning("ranker fell back to cosine: %s", exc)
+                log.warning("ranker fell back to cosine (%s): %r", kind, exc)
                 cosine = self._cosine(user.vector, item_feats, ids)
                 if cosine is not None:
                     return rules.to_unit(cosine, "cosine")
@@ -108,6 +137,13 @@ class Scoring:
             return None
         norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(user_vec)
         return np.where(norms > 0, vectors @ user_vec / np.where(norms > 0, norms, 1.0), 0.0)
+
+
+def fallback_kind(exc: Exception) -> str:
+    """The fallback counter's label for a ranker failure (with spaces, the answer's reason)."""
+    if isinstance(exc, RankerBusy):
+        return "ranker_busy"
+    return "ranker_timeout" if isinstance(exc, FutureTimeout) else "ranker_error"
 
 
 def blend(cands: CandidateSet, weights: Mapping[str, float]) -> np.ndarray:

@@ -24,12 +24,15 @@ from annotated_types import Ge, Le
 
 from bentos.auth import ApiKeyMiddleware
 from bentos.cache import AsyncCacheReader
+from bentos.metrics import count_unknown_context_keys
 from bentos.schemas import (
     Context,
     EventAccepted,
     EventKind,
+    EventRequest,
     ItemAdded,
     NewItem,
+    RecommendRequest,
     RecommendResponse,
     SimilarItemsResponse,
 )
@@ -95,14 +98,13 @@ class Recommender:
 
     # ---- read endpoints ----------------------------------------------------------------------
 
-    @bentoml.api(route="/recommend")
-    async def recommend(
-        self,
-        user_id: Annotated[int, Ge(0)],
-        k: Annotated[int, Ge(1), Le(100)] = 10,
-        context: Optional[Context] = None,
-    ) -> RecommendResponse:
+    # the request models forbid unknown top-level fields (a typo in `k` must not pass silently);
+    # unknown keys inside `context` are accepted and counted (bentos/schemas.py says why)
+    @bentoml.api(route="/recommend", input_spec=RecommendRequest)
+    async def recommend(self, user_id: int, k: int = 10, context: Optional[Context] = None) -> RecommendResponse:
         """Top-k items for a user now; an unknown user is a cold-start user."""
+        if context is not None:
+            count_unknown_context_keys("recommend", context.unknown_keys)
         ctx = context.model_dump(exclude_none=True) if context else None
         rec = await self.cache.lookup(user_id, k, ctx)  # a hit never leaves the event loop
         if rec is None:  # the miss path is CPU work (FAISS, the ranker): a worker thread
@@ -136,19 +138,22 @@ class Recommender:
                                                request_timeout_ms=2000, max_block_ms=2000, bootstrap_timeout_ms=2000)
             return self._producer
 
-    @bentoml.api(route="/events")
+    @bentoml.api(route="/events", input_spec=EventRequest)
     def events(
         self,
-        user_id: Annotated[int, Ge(0)],
-        item_id: Annotated[int, Ge(0)],
+        user_id: int,
+        item_id: int,
         event_type: EventKind,
-        value: Optional[Annotated[float, Ge(0)]] = None,
+        value: Optional[float] = None,
         session_id: Optional[str] = None,
         context: Optional[Context] = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> EventAccepted:
         """Record a clickstream event: the server fills event_id and the time, then Kafka."""
         from pipelines.events import new_event
+
+        if context is not None:
+            count_unknown_context_keys("events", context.unknown_keys)
 
         event = new_event(user_id, item_id, event_type, value=value, session_id=session_id,
                           context=context.model_dump(exclude_none=True, exclude={"categories"}) if context else None)

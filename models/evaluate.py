@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "ml-100k", "ml-csv", "canonical")
-#: Report keys each model fills, prefixed by the model name (popularity_, als_, two_stage_).
-HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10")
+#: Report keys each model fills, prefixed by the model name (popularity_, als_, two_stage_): the
+#: accuracy metrics, then the beyond-accuracy measures of the same top-10 lists.
+HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10", "novelty@10", "ild@10", "arp@10")
 TWO_STAGE = "two_stage"
 
 
@@ -98,16 +99,23 @@ def _headline(name: str, report: dict[str, Any] | None) -> dict[str, Any]:
 # ---- the pipeline -----------------------------------------------------------------------------
 
 
+def item_vectors_of(factors: Factors, catalogue: np.ndarray) -> np.ndarray:
+    """The ALS item factors, one row per catalogue column (zeros for an item without one): the
+    embeddings every row's intra-list diversity compares, so the rows share one item space."""
+    return factors.item_vectors(catalogue)[0]
+
+
 def score_models(spark: SparkSession, split: Holdout, factors: Factors, cfg: EvaluationConfig) -> dict[str, Any]:
     """Popularity and ALS under the protocol, the ALS ranking cross-checked by the Spark metrics."""
     eval_set, catalogue = split.eval_set, split.eval_set.catalogue
+    vectors = item_vectors_of(factors, catalogue)
     depth = max(max(cfg.ks), 10, cfg.curve_to)
     popularity = Popularity.fit(split.train_rows)
     pop_ranked = rank_with(eval_set, popularity.score_fn(catalogue), depth)
     # users without an ALS vector (cleaning removed them, or no train rows) fall back to popularity
     als_ranked = rank_with(eval_set, factors.score_fn(catalogue, fallback=popularity.scores(catalogue)), depth)
-    models: dict[str, Any] = {"popularity": evaluate_top_k(eval_set, pop_ranked, cfg.ks, cfg.curve_to),
-                              "als": evaluate_top_k(eval_set, als_ranked, cfg.ks, cfg.curve_to)}
+    models: dict[str, Any] = {"popularity": evaluate_top_k(eval_set, pop_ranked, cfg.ks, cfg.curve_to, vectors),
+                              "als": evaluate_top_k(eval_set, als_ranked, cfg.ks, cfg.curve_to, vectors)}
     positives = pd.DataFrame({S.COL_USER: np.repeat(eval_set.users, [len(p) for p in eval_set.positives]),
                               S.COL_ITEM: catalogue[np.concatenate(eval_set.positives)]})
     models["als"]["spark_check"] = ranking_metrics_spark(
@@ -161,7 +169,8 @@ def run_evaluation(
                 context = EvalContext(spark, ws_settings, dataset_dir, split.train, split.test, split.train_rows,
                                       split.eval_set, validation.eval_set, cleaning, best, factors,
                                       clean_train.reference_time)
-                models[TWO_STAGE] = evaluate_top_k(split.eval_set, two_stage(context), cfg.ks, cfg.curve_to)
+                models[TWO_STAGE] = evaluate_top_k(split.eval_set, two_stage(context), cfg.ks, cfg.curve_to,
+                                                   item_vectors_of(factors, catalogue))
 
         manifest = read_manifest(dataset_dir)
         report: dict[str, Any] = {

@@ -11,10 +11,12 @@
    items; score ties broken by item id ascending.
 4. **Metrics** (NumPy: :func:`evaluate_top_k`; Spark: :func:`ranking_metrics_spark`):
    ``recall@k = hits / min(k, positives)``, ``ndcg@k`` with binary gains and the ideal DCG over
-   ``min(k, positives)``, both averaged over scored users, for k = 10 and 20; catalogue coverage
-   = distinct items in all users' top 10 / catalogue size; slices: users with fewer than 20
-   training interactions, and long-tail items (outside the top 20% of the catalogue by training
-   popularity = distinct training users), where only long-tail positives count.
+   ``min(k, positives)``, both averaged over scored users, for k = 10 and 20; slices: users with
+   fewer than 20 training interactions, and long-tail items (outside the top 20% of the catalogue
+   by training popularity = distinct training users), where only long-tail positives count.
+5. **Beyond accuracy** (:mod:`models.beyond_accuracy`, on the same top-10 lists): catalogue
+   coverage, novelty, intra-list diversity (cosine of the item vectors the caller passes) and
+   average recommended popularity, a training interaction being a distinct (user, item) pair.
 
 Everything a scorer may use (popularity included) comes from the train side of the split.
 """
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from models.beyond_accuracy import beyond_accuracy
 from recsys import schema as S
 
 if TYPE_CHECKING:
@@ -43,7 +46,7 @@ POSITIVE_CLICKSTREAM: tuple[str, ...] = (
 )
 SMALL_USER_MAX_TRAIN = 20  # slice: users with fewer training interactions than this
 HEAD_SHARE = 0.2  # slice: items outside the top 20% by training popularity are the long tail
-COVERAGE_K = 10
+COVERAGE_K = 10  # the depth of the beyond-accuracy measures (coverage@10, novelty@10, ...)
 #: Score given to items a scorer knows nothing about (no ALS vector): ranked last, still ranked.
 UNKNOWN_SCORE = -1e30
 
@@ -252,11 +255,15 @@ def _summary(hits: np.ndarray, n_pos: np.ndarray, ks: Sequence[int], rows: np.nd
 
 
 def evaluate_top_k(eval_set: EvalSet, ranked: np.ndarray, ks: Sequence[int] = KS,
-                   curve_to: int = 0) -> dict[str, Any]:
+                   curve_to: int = 0, item_vectors: np.ndarray | None = None) -> dict[str, Any]:
     """The protocol's metrics for ranked catalogue columns (users x K, -1 padded, K >= max(ks)).
 
-    Returns ``users``, ``recall@k`` and ``ndcg@k`` for each k, ``coverage@10``, the two slices,
-    and ``ndcg_curve`` (ndcg@1..curve_to) when ``curve_to`` > 0.
+    Returns ``users``, ``recall@k`` and ``ndcg@k`` for each k, the beyond-accuracy measures of
+    the top 10 (``coverage@10``, ``novelty@10``, ``ild@10``, ``arp@10``: see
+    :mod:`models.beyond_accuracy`; training popularity is ``eval_set.popularity``), the two
+    slices, and ``ndcg_curve`` (ndcg@1..curve_to) when ``curve_to`` > 0. ``item_vectors`` (one
+    row per catalogue column, zeros where an item has none) are what ``ild@10`` compares; without
+    them it is NaN.
     """
     if ranked.shape[0] != len(eval_set.users):
         raise ValueError(f"ranked has {ranked.shape[0]} rows for {len(eval_set.users)} users")
@@ -264,8 +271,8 @@ def evaluate_top_k(eval_set: EvalSet, ranked: np.ndarray, ks: Sequence[int] = KS
     n_pos = np.array([len(p) for p in eval_set.positives], dtype=np.int64)
     everyone = np.ones(len(eval_set.users), dtype=bool)
     report: dict[str, Any] = _summary(hits, n_pos, ks, everyone)
+    report.update(beyond_accuracy(ranked, eval_set.popularity, item_vectors, COVERAGE_K))
     top = ranked[:, :COVERAGE_K]
-    report[f"coverage@{COVERAGE_K}"] = float(len(np.unique(top[top >= 0])) / len(eval_set.catalogue))
 
     small = eval_set.train_counts < SMALL_USER_MAX_TRAIN
     tail = eval_set.long_tail
@@ -299,10 +306,10 @@ def rank_with(eval_set: EvalSet, score_fn: ScoreFn, k: int, batch_size: int = 10
 
 
 def evaluate_scorer(eval_set: EvalSet, score_fn: ScoreFn, ks: Sequence[int] = KS,
-                    curve_to: int = 0) -> dict[str, Any]:
-    """Rank with ``score_fn`` under the protocol and compute its metrics."""
+                    curve_to: int = 0, item_vectors: np.ndarray | None = None) -> dict[str, Any]:
+    """Rank with ``score_fn`` under the protocol and compute its metrics (see :func:`evaluate_top_k`)."""
     depth = max(max(ks), COVERAGE_K, curve_to)
-    return evaluate_top_k(eval_set, rank_with(eval_set, score_fn, depth), ks, curve_to)
+    return evaluate_top_k(eval_set, rank_with(eval_set, score_fn, depth), ks, curve_to, item_vectors)
 
 
 # ---- Spark version of the metrics -------------------------------------------------------------

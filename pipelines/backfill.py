@@ -10,7 +10,9 @@ so point-in-time training frames get the real-time features as they were at ever
 Idempotent: the job's files are ``backfill-*.parquet`` in the table folder and a rerun replaces
 them (the stream's own files are left alone). With ``seed_state`` it also writes each user's final
 fold state to Redis and pushes the final rows online, so ``recsys stream run`` continues from the
-cutoff as if it had consumed everything before it; run it with the stream stopped.
+cutoff as if it had consumed everything before it, and replaces each user's purchased-item set
+(:func:`recsys.schema.purchased_key`, the latest ``stream_purchased_max`` purchases, which serving
+never recommends) with the one in that state; run it with the stream stopped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipelines.realtime_rules import DedupeWindow, Event, Outcome, UserState, fold_user
+from pipelines.realtime_rules import PURCHASED_MAX, DedupeWindow, Event, Outcome, UserState, fold_user
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
@@ -52,12 +54,12 @@ def frame_events(pdf: pd.DataFrame) -> list[Event]:
     ]
 
 
-def fold_frame(pdf: pd.DataFrame, window: DedupeWindow) -> pd.DataFrame:
+def fold_frame(pdf: pd.DataFrame, window: DedupeWindow, purchased_max: int = PURCHASED_MAX) -> pd.DataFrame:
     """One user's events -> a row after each applied event (the last one per instant); the final
-    state (serialized) is on the user's last row."""
+    state (serialized, purchased items bounded by ``purchased_max``) is on the user's last row."""
     rows: list[list[object]] = []
     state = UserState()
-    for _, outcome, st in fold_user(frame_events(pdf), window, state):
+    for _, outcome, st in fold_user(frame_events(pdf), window, state, purchased_max):
         if outcome is not Outcome.APPLIED:
             continue
         row = [int(pdf[S.COL_USER].iat[0]), st.last_us, st.last_5_items, st.count, st.purchases,
@@ -90,10 +92,10 @@ def run_backfill(spark: SparkSession, settings: Settings, end: datetime, seed_st
     from pyspark.sql import functions as F
 
     end = end if end.tzinfo else end.replace(tzinfo=timezone.utc)
-    window = dedupe_window(settings)
+    window, purchased_max = dedupe_window(settings), settings.stream_purchased_max
 
     def fold(pdf: pd.DataFrame) -> pd.DataFrame:  # typed, so Spark knows it is a grouped-map function
-        return fold_frame(pdf, window)
+        return fold_frame(pdf, window, purchased_max)
 
     created = datetime.now(timezone.utc)
     events = spark.read.parquet(str(settings.dataset_path / "events")).where(F.col(S.COL_TS) <= F.lit(end))
@@ -138,7 +140,8 @@ def _replace_backfill_files(staging: Path, table: Path) -> int:
 
 
 def _seed_state(settings: Settings, states: object, chunk: int = 5_000) -> int:
-    """Write final states to the stream's Redis keys and their rows online (Feast push)."""
+    """Write final states to the stream's Redis keys, their purchased-item sets (each replaced by
+    the state's list: a rerun never leaves a stale item) and their rows online (Feast push)."""
     import redis
 
     from pipelines.feature_store import get_store, push_user_realtime
@@ -153,9 +156,12 @@ def _seed_state(settings: Settings, states: object, chunk: int = 5_000) -> int:
     batch: list[tuple[int, UserState]] = []
 
     def flush() -> None:
-        pipe = client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=True)  # serving never sees a set deleted and not yet refilled
         for user, st in batch:
             pipe.set(store.state_key(user), st.dumps())
+            pipe.delete(S.purchased_key(user))
+            if st.bought:
+                pipe.sadd(S.purchased_key(user), *st.purchased_items)
         pipe.execute()
         push_user_realtime(feast, rows_frame([state_row(u, st, created_us) for u, st in batch]), online=True)
         batch.clear()

@@ -7,7 +7,10 @@ The rules:
   items, newest last; a repeat moves the item to the end);
 - PURCHASE and RATING >= 4 count for ``preferred_categories`` (at most five, by count, then by
   recency); PURCHASE also adds one to ``total_purchases``;
-- every event adds one to ``interaction_count`` and moves ``last_action_ts`` forward.
+- every event adds one to ``interaction_count`` and moves ``last_action_ts`` forward;
+- PURCHASE puts the item in ``purchased_items`` (the ``purchased_max`` items with the latest
+  purchases, oldest first; not a Feast feature: the stream writes it to the Redis set
+  :func:`recsys.schema.purchased_key`, which serving reads to never recommend a bought item).
 
 Events are ordered by ``(event_timestamp, event_id)``, never by arrival. Every field is a function
 of the *set* of applied events (counts are sums, recency is a maximum, ``last_5_items`` is "the five
@@ -41,6 +44,8 @@ import orjson
 from recsys import schema as S
 
 LAST_ITEMS = 5
+#: Purchased items kept per user by default (``stream_purchased_max``): the latest purchases.
+PURCHASED_MAX = 100
 TOP_CATEGORIES = 5
 MIN_RATING = 4.0  # a rating at or above this is a positive signal, like a view or a purchase
 
@@ -104,11 +109,14 @@ class UserState:
     cats: dict[int, list[Any]] = field(default_factory=dict)
     #: ``event_id -> ts_us`` of the applied events inside the dedupe window.
     seen: dict[str, int] = field(default_factory=dict)
+    #: ``[item_id, ts_us]`` of the latest purchase per item, oldest first (by ts, then item), bounded.
+    bought: list[list[int]] = field(default_factory=list)
 
     # ---- the rules ------------------------------------------------------------------------
 
-    def apply(self, e: Event, window: DedupeWindow) -> Outcome:
-        """Fold one event into the state; DUPLICATE and LATE change nothing."""
+    def apply(self, e: Event, window: DedupeWindow, purchased_max: int = PURCHASED_MAX) -> Outcome:
+        """Fold one event into the state; DUPLICATE and LATE change nothing. ``purchased_max``
+        bounds ``purchased_items`` (the oldest purchase falls out)."""
         if e.ts_us < max(self.floor_us, self.last_us - window.window_us):
             return Outcome.LATE
         if e.event_id in self.seen:
@@ -122,6 +130,7 @@ class UserState:
             self._touch_item(e.item_id, e.ts_us, e.event_id)
         if e.event_type == _PURCHASE:
             self.purchases += 1
+            self._touch_bought(e.item_id, e.ts_us, purchased_max)
         if (e.event_type == _PURCHASE or positive_rating) and e.category is not None:
             self._touch_category(e.category, e.ts_us, e.event_id)
         return Outcome.APPLIED
@@ -147,6 +156,23 @@ class UserState:
             items.insert(pos, [item, ts, eid])
         if len(items) > LAST_ITEMS:
             del items[0]
+
+    def _touch_bought(self, item: int, ts: int, limit: int) -> None:
+        # ordered by (ts, item), so ties break the same way whatever the arrival order: the
+        # bounded list is "the items with the latest purchases", a function of the set of events
+        bought = self.bought
+        for i, entry in enumerate(bought):
+            if entry[0] == item:
+                if entry[1] >= ts:
+                    return  # a later purchase of this item already put it where it belongs
+                del bought[i]
+                break
+        pos = len(bought)
+        while pos > 0 and (bought[pos - 1][1], bought[pos - 1][0]) > (ts, item):
+            pos -= 1
+        bought.insert(pos, [item, ts])
+        if len(bought) > limit:
+            del bought[: len(bought) - limit]
 
     def _touch_category(self, category: int, ts: int, eid: str) -> None:
         entry = self.cats.get(category)
@@ -177,6 +203,11 @@ class UserState:
         return [item for item, _, _ in self.items]
 
     @property
+    def purchased_items(self) -> list[int]:
+        """The items with the latest purchases (at most ``purchased_max``), oldest first."""
+        return [item for item, _ in self.bought]
+
+    @property
     def preferred_categories(self) -> list[int]:
         ranked = sorted(self.cats.items(), key=lambda kv: (kv[1][0], kv[1][1], kv[1][2]), reverse=True)
         return [cat for cat, _ in ranked[:TOP_CATEGORIES]]
@@ -200,7 +231,7 @@ class UserState:
     def dumps(self) -> bytes:
         return orjson.dumps(
             {"n": self.count, "p": self.purchases, "t": self.last_us, "f": self.floor_us, "i": self.items,
-             "c": self.cats, "s": self.seen},
+             "c": self.cats, "s": self.seen, "b": self.bought},
             option=orjson.OPT_NON_STR_KEYS,  # category ids are JSON object keys, so strings on the wire
         )
 
@@ -210,7 +241,8 @@ class UserState:
             return cls()
         d = orjson.loads(raw)
         return cls(count=d["n"], purchases=d["p"], last_us=d["t"], floor_us=d["f"], items=d["i"],
-                   cats={int(k): v for k, v in d["c"].items()}, seen=d["s"])
+                   cats={int(k): v for k, v in d["c"].items()}, seen=d["s"],
+                   bought=d.get("b") or [])  # a state written before purchases were kept has none
 
 
 # ---- folding many events -------------------------------------------------------------------------
@@ -221,7 +253,8 @@ def event_order(e: Event) -> tuple[int, str]:
 
 
 def fold_user(
-    events: Iterable[Event], window: DedupeWindow, state: UserState | None = None
+    events: Iterable[Event], window: DedupeWindow, state: UserState | None = None,
+    purchased_max: int = PURCHASED_MAX,
 ) -> Iterator[tuple[Event, Outcome, UserState]]:
     """Fold one user's events in event-time order, yielding (event, outcome, state after it).
 
@@ -230,7 +263,7 @@ def fold_user(
     """
     state = state or UserState()
     for e in sorted(events, key=event_order):
-        yield e, state.apply(e, window), state
+        yield e, state.apply(e, window, purchased_max), state
     state.trim(window)
 
 

@@ -123,6 +123,7 @@ class Settings(BaseSettings):
     stream_dedupe_window_s: int = Field(86_400, ge=1, description="Event ids remembered per user, in time.")
     stream_dedupe_max_ids: int = Field(1_000, ge=1, description="Event ids remembered per user, at most.")
     stream_max_future_s: int = Field(300, ge=0, description="Clock skew allowed before 'in the future'.")
+    stream_purchased_max: int = Field(100, ge=1, description="Latest purchases kept per user (never recommended).")
     #: Prometheus /metrics port of the stream consumer; None = no endpoint.
     stream_metrics_port: int | None = Field(None, ge=0, le=65535)
     trending_window_s: int = Field(3_600, ge=60, description="Sliding window of trending, in seconds.")
@@ -140,6 +141,9 @@ class Settings(BaseSettings):
     #: for the local demo only: set RECSYS_API_KEY in any shared deployment.
     api_key: SecretStr = SecretStr("local-dev-key")
     recs_cache_ttl_seconds: int = Field(600, ge=1)
+    #: The ranker's time budget per call; None = measured at start-up (scoring p99 x headroom).
+    ranker_timeout_ms: float | None = Field(None, gt=0)
+    ranker_timeout_headroom: float = Field(3.0, ge=1.0)
 
     #: The platform's "now". None = the latest event of the active dataset.
     as_of: datetime | None = None

@@ -131,3 +131,10 @@ NEUTRAL_INVENTORY = 1_000_000
 def recs_cache_key(user_id: int) -> str:
     """Redis key of a user's cached recommendations: written by serving, deleted by the stream."""
     return f"recs:{int(user_id)}"
+
+
+def purchased_key(user_id: int) -> str:
+    """Redis set of the items a user bought (their ids as decimal strings, at most
+    ``stream_purchased_max`` of the latest purchases): written by the stream and the backfill's
+    ``--seed-state`` from the user's fold state, read by serving, which never recommends them."""
+    return f"purchased:{int(user_id)}"

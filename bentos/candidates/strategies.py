@@ -1,7 +1,8 @@
 """The candidates of a personalised answer, from four strategies run concurrently: ALS nearest
 items (FAISS, inner product), items similar to each recent item (FAISS, cosine), content (top
-categories and tags of the recent items), trending in the preferred categories; plus the new-item
-exploration slot and the neighbours of one item (/similar_items)."""
+categories and tags of the recent items), trending in the preferred categories, filled up from
+the overall trending list (read before the user's features arrive); plus the new-item exploration
+slot and the neighbours of one item (/similar_items)."""
 
 from __future__ import annotations
 
@@ -42,22 +43,38 @@ class Candidates:
         self.config = config
         self.now = now
 
-    def generate(self, user: UserFeatures, seen: set[int], reasons: list[str]) -> CandidateSet:
+    @property
+    def overall_trending_n(self) -> int:
+        """How many overall trending items to read: twice the quota, so that the user's seen
+        items (unknown when the read starts) rarely leave the strategy short."""
+        return 2 * self.config.n_trending
+
+    def overall_trending(self, reasons: list[str]) -> list[int]:
+        """The overall trending list, best first: it needs no user features, so the engine reads
+        it while they are read."""
+        return self._trending([GLOBAL_KEY], self.overall_trending_n, reasons)
+
+    def generate(self, user: UserFeatures, seen: set[int], reasons: list[str],
+                 overall_trending: Sequence[int] = ()) -> CandidateSet:
         """Deduplicated (first strategy wins), seen items removed, capped at ``n_candidates`` in
-        strategy order; ``trending`` holds every trending item fetched (the rules boost them)."""
+        strategy order. Trending: the user's categories' lists in turns, then ``overall_trending``
+        (from :meth:`overall_trending`) for what they leave; ``trending`` holds every trending
+        item fetched (the rules boost them)."""
         cfg = self.config
         faiss = self.pool.submit(self._faiss, user.vector, user.recent, seen)
-        trending_future = self.pool.submit(self._trending, user.categories, cfg.n_trending + len(seen), reasons)
+        by_category = (self.pool.submit(self._trending, [category_key(c) for c in user.categories[:5]],
+                                        cfg.n_trending + len(seen), reasons) if user.categories else None)
         content = self._content(user.recent, seen, cfg.n_content)
         als, similar = faiss.result()
-        trending = trending_future.result()
+        fetched = [*(by_category.result() if by_category is not None else []), *overall_trending]
+        trending = list(dict.fromkeys(fetched))  # the categories' items first, each item once
         out = CandidateSet()
         out.add(*als, "als", seen, cfg.n_als)
         out.add(*similar, "similar", seen, cfg.n_similar * 5)  # up to n_similar for each of 5 recent items
         out.add(*content, "content", seen, cfg.n_content)
         out.add(trending, rank_scores(len(trending)), "trending", seen, cfg.n_trending)
         out.truncate(cfg.n_candidates)
-        out.trending = set(trending)
+        out.trending = set(fetched)
         return out
 
     def _faiss(self, user_vec: np.ndarray | None, recent: list[int], seen: set[int]) -> tuple[Ranked, Ranked]:
@@ -92,9 +109,8 @@ class Candidates:
         ids = take_turns([lst[: n + len(seen)] for lst in lists], n, seen)
         return ids, rank_scores(len(ids))
 
-    def _trending(self, categories: list[int], n: int, reasons: list[str]) -> list[int]:
-        """Trending items of up to 5 categories (else overall) in turns, in one pipelined read."""
-        keys = [category_key(c) for c in categories[:5]] or [GLOBAL_KEY]
+    def _trending(self, keys: list[str], n: int, reasons: list[str]) -> list[int]:
+        """The top ``n`` of each trending list in ``keys``, merged in turns, in one pipelined read."""
 
         def fetch() -> list[list[bytes]]:
             pipe = self.client.pipeline(transaction=False)

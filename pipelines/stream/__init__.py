@@ -12,8 +12,9 @@ One micro-batch (up to ``batch_events`` events or ``batch_ms`` of waiting), in :
 3. in one Redis transaction (one round trip, :mod:`.transaction`): the users' new rows in the online
    store, written as Feast's Redis store writes them (:class:`OnlineRowWriter` says how, and why
    not ``FeatureStore.push``), the new states, the batch's rows appended to the partition's
-   *outbox*, the partition's applied-offset watermark, ``recs:{user_id}`` deleted for every user
-   with an event, and the trending counts.
+   *outbox*, the partition's applied-offset watermark, the purchased-item set of every user who
+   bought something (``purchased:{user_id}``, a copy of the state's bounded list, which serving
+   filters with), ``recs:{user_id}`` deleted for every user with an event, and the trending counts.
 
 In the background, every ``offline_flush_s`` or ``offline_batch_rows``, the outboxes are appended
 to the offline store through the same push source (a Spark job, so in large batches, run by a

@@ -51,7 +51,7 @@ class StreamProcessor:
         #: set once the group has assigned partitions to this consumer
         self.assigned = threading.Event()
         self.flusher = OfflineFlusher(settings, self.topic, self.options, self.stats, self.metrics)
-        self.folder = BatchFolder(self.options.window, self.options.trending)
+        self.folder = BatchFolder(self.options.window, self.options.trending, self.options.purchased_max)
         self.cache = StateCache(self.options.state_cache_users)
         self._trending_dirty = False
         self._last_publish = 0.0
@@ -155,7 +155,8 @@ class StreamProcessor:
         for record, reason in dead:
             self.dlq.send(record, reason)
             self.metrics.dead_letters.labels(reason_label(reason)).inc()
-        n_rows = self._write(BatchWrite(batch, folded.changed, rows, users, folded.counts))
+        n_rows = self._write(BatchWrite(batch, folded.changed, rows, users, folded.counts,
+                                        purchased=folded.purchased))
         self.cache.remember(states)
         self._account(records, len(dead), n_rows, time.time())
         self.stats.last_batch_at = time.monotonic()

@@ -1,14 +1,15 @@
 """One micro-batch through the rules: group the decoded events by user, fold them into the users'
-states (:class:`BatchFolder`), and turn the changed states into user_realtime rows per partition."""
+states (:class:`BatchFolder`), and turn the changed states into user_realtime rows per partition
+and purchased-item sets."""
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipelines import trending
-from pipelines.realtime_rules import DedupeWindow, Event, Outcome, UserState
+from pipelines.realtime_rules import PURCHASED_MAX, DedupeWindow, Event, Outcome, UserState
 from pipelines.stream.catalogue import ItemCatalogue
 from pipelines.stream.online_writer import Row, state_row
 
@@ -23,14 +24,16 @@ TrendingCounts = dict[tuple[int, int | None], Counter[int]]
 
 @dataclass
 class FoldedBatch:
-    """What folding a batch changed: the users' new states, trending counts, and the positions (in
-    the decoded batch) of the events too late for the dedupe window."""
+    """What folding a batch changed: the users' new states, trending counts, the positions (in
+    the decoded batch) of the events too late for the dedupe window, and the purchased items of
+    every user with an applied PURCHASE (the whole bounded list, which replaces the stored set)."""
 
     changed: dict[int, UserState]
     counts: TrendingCounts
     late: list[int]
     applied: int
     duplicates: int
+    purchased: dict[int, list[int]] = field(default_factory=dict)
 
 
 def group_by_user(records: list[ConsumerRecord], decoded: Any, index: list[int]
@@ -58,32 +61,35 @@ class BatchFolder:
     """Applies the rules to each user's events of a batch, and keeps the stream's event-time
     watermark (the newest applied event), which bounds the trending minutes still counted."""
 
-    def __init__(self, window: DedupeWindow, trending_config: trending.TrendingConfig) -> None:
+    def __init__(self, window: DedupeWindow, trending_config: trending.TrendingConfig,
+                 purchased_max: int = PURCHASED_MAX) -> None:
         self.window = window
         self.trending = trending_config
+        self.purchased_max = purchased_max
         self.watermark_us: int | None = None
 
     def fold(self, decoded: Any, groups: dict[int, list[int]], states: dict[int, UserState],
              catalogue: ItemCatalogue) -> FoldedBatch:
         """Apply the rules to each user's events; returns changed states, trending counts, late events."""
-        window = self.window
+        window, purchased_max = self.window, self.purchased_max
         cats = catalogue.categories(decoded.item_id).tolist()
         items, ts, values = decoded.item_id.tolist(), decoded.ts_us.tolist(), decoded.value.tolist()
         ids, types = decoded.event_id, decoded.event_type
         changed: dict[int, UserState] = {}
         counts: TrendingCounts = {}
         late: list[int] = []
+        bought: list[int] = []
         duplicates = applied = 0
         watermark = self.watermark_us
         for user, js in groups.items():
             state = states[user]
-            before = state.count
+            before, purchases = state.count, state.purchases
             for j in js:
                 value = values[j]
                 cat = cats[j]
                 event = Event(ids[j], user, items[j], types[j], None if value != value else value, ts[j],
                               cat if cat >= 0 else None)
-                outcome = state.apply(event, window)
+                outcome = state.apply(event, window, purchased_max)
                 if outcome is Outcome.APPLIED:
                     applied += 1
                     if watermark is None or event.ts_us > watermark:
@@ -97,11 +103,14 @@ class BatchFolder:
             if state.count != before:
                 state.trim(window)
                 changed[user] = state
+                if state.purchases != purchases:
+                    bought.append(user)
         self.watermark_us = watermark
         if watermark is not None and counts:  # a replay of history: minutes already out of the window
             first = self.trending.minutes(watermark).start
             counts = {k: v for k, v in counts.items() if k[0] >= first}
-        return FoldedBatch(changed, counts, late, applied, duplicates)
+        purchased = {user: states[user].purchased_items for user in bought}
+        return FoldedBatch(changed, counts, late, applied, duplicates, purchased)
 
 
 def _count_trending(counts: TrendingCounts, event: Event) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipelines import trending
-from pipelines.realtime_rules import DedupeWindow
+from pipelines.realtime_rules import PURCHASED_MAX, DedupeWindow
 from recsys.config import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,13 @@ class StreamOptions:
     #: cache is dropped on every rebalance and a state goes back in only after its transaction.
     state_cache_users: int = 50_000
     heartbeat_interval_ms: int = 1_000
+    #: Purchased items kept per user (the latest purchases): the Redis set serving filters with.
+    purchased_max: int = PURCHASED_MAX
+
+    def __post_init__(self) -> None:
+        if self.purchased_max < 1:
+            raise ValueError(f"purchased_max {self.purchased_max} must be at least 1 "
+                             "(set stream_purchased_max to the purchases to keep per user)")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> StreamOptions:
@@ -50,6 +57,7 @@ class StreamOptions:
             max_future_s=settings.stream_max_future_s,
             metrics_port=settings.stream_metrics_port,
             trending=trending.TrendingConfig.from_settings(settings),
+            purchased_max=settings.stream_purchased_max,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

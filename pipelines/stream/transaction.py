@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -12,7 +12,7 @@ from pipelines.realtime_rules import UserState
 from pipelines.stream.fold import TrendingCounts
 from pipelines.stream.online_writer import OnlineRowWriter, Row
 from pipelines.stream.state import StateStore
-from recsys.schema import recs_cache_key
+from recsys.schema import purchased_key, recs_cache_key
 
 if TYPE_CHECKING:
     from kafka.consumer.fetcher import ConsumerRecord
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 class BatchWrite:
     """What one batch writes: the messages it covers (per partition), the users' new states and rows,
     the users whose cached recommendations are now stale, the trending increments, and the online
-    rows to write in the transaction (``None`` when Feast writes them itself)."""
+    rows to write in the transaction (``None`` when Feast writes them itself), and the purchased
+    items of the users who bought something (each list replaces the user's set)."""
 
     batch: dict[Any, list[ConsumerRecord]]
     changed: dict[int, UserState]
@@ -30,13 +31,15 @@ class BatchWrite:
     users: list[int]
     counts: TrendingCounts
     online: list[tuple[bytes, list[bytes]]] | None = None
+    purchased: dict[int, list[int]] = field(default_factory=dict)
 
 
 def commit_batch(client: redis.Redis, state: StateStore, online: OnlineRowWriter, write: BatchWrite,
                  trending_config: trending.TrendingConfig) -> None:
     """In one Redis transaction: the online rows, the new states, each partition's outbox entry and
-    applied offset, ``recs:{user_id}`` deleted for every user with an event, and the trending counts.
-    So the online store, the states and the outbox never disagree, whatever crashes when."""
+    applied offset, the purchased-item sets of the users who bought something, ``recs:{user_id}``
+    deleted for every user with an event, and the trending counts. So the online store, the states,
+    the purchased sets and the outbox never disagree, whatever crashes when."""
     pipe = client.pipeline(transaction=True)
     if write.online:
         online.queue(pipe, write.online)
@@ -47,6 +50,13 @@ def commit_batch(client: redis.Redis, state: StateStore, online: OnlineRowWriter
         queue("SET", state_key(user), user_state.dumps())
     for tp, recs in write.batch.items():
         state.queue_outbox(pipe, tp.partition, recs[-1].offset, write.rows_by_partition[tp.partition])
+    for user, items in write.purchased.items():
+        # the set is a copy of the state's bounded list: replaced whole, so a purchase that fell
+        # out of the bound leaves it too, and writing the same state again changes nothing
+        key = purchased_key(user)
+        queue("DEL", key)
+        if items:
+            queue("SADD", key, *items)
     pipe.hset(state.applied_key(), mapping={tp.partition: recs[-1].offset for tp, recs in write.batch.items()})
     if write.users:
         pipe.delete(*[recs_cache_key(u) for u in write.users])

@@ -18,25 +18,17 @@ from bentos.engine import RecommendationEngine
 from bentos.features import purchased_key
 from bentos.factory import build_engine, redis_client
 from bentos.precompute import PrecomputeConfig, active_users, precompute
-from models.als import Factors
-from models.retrieval import RetrievalIndex
 from pipelines.stack import LocalStack
-from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
 from tests.support.settings import isolated_settings
-from tests.support.feature_workspace import N_ITEMS, N_USERS, vector
+from tests.support.feature_workspace import N_ITEMS, vector
+from tests.support.serving import build_index, personalised_users
 
 
 @pytest.fixture(scope="module")
 def index_dir(feature_ws: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    users = np.arange(1, N_USERS + 1)
-    items = np.arange(1, N_ITEMS + 1)
-    factors = Factors(users, np.array([vector(u) for u in users], np.float32), items,
-                      np.array([vector(i, 0.1) for i in items], np.float32), datetime(2026, 1, 4, tzinfo=timezone.utc))
-    folder = tmp_path_factory.mktemp("index") / "index"
-    RetrievalIndex.build(factors).save(folder)
-    return folder
+    return build_index(tmp_path_factory.mktemp("index") / "index")
 
 
 @pytest.fixture()
@@ -48,10 +40,8 @@ def engine(feature_ws: Settings, index_dir: Path) -> Iterator[RecommendationEngi
     eng.close()
 
 
-def _active_user(settings: Settings, at_least: int = 10) -> int:
-    profiles = pd.read_parquet(T.table_path(settings, T.USER_PROFILE))
-    latest = profiles.sort_values(S.COL_TS).groupby(S.COL_USER).tail(1)
-    return int(latest[latest["n_events"] >= at_least].sort_values(S.COL_USER)[S.COL_USER].iloc[0])
+def _active_user(settings: Settings) -> int:
+    return personalised_users(settings)[0]
 
 
 def _categories(engine: RecommendationEngine, items: list[dict]) -> list[int]:

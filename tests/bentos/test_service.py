@@ -1,5 +1,6 @@
-"""A real `bentoml serve` process against the real stack: the HTTP contract, bad input, auth,
-Kafka and Redis outages."""
+"""A real `bentoml serve` process against the real stack: the HTTP contract, bad input, forward-
+compatible context, auth, Kafka and Redis outages, and events through the stream changing the next
+answer (a view, a purchase)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pipelines.stack import LocalStack, free_port
 from recsys.config import Settings
 from tests.support.settings import REPO, isolated_settings
 from tests.support.feature_workspace import N_ITEMS, N_USERS, vector
+from tests.support.metrics import sample_value
 
 API_KEY = "test-key-123"
 
@@ -132,13 +134,43 @@ def test_unknown_user_is_cold_start(server: Server) -> None:
     ({"user_id": "abc"}, "user_id"),
     ({"k": 5}, "user_id"),
     ({"user_id": 1, "context": {"device": "fax"}}, "device"),
-    ({"user_id": 1, "context": {"colour": "red"}}, "colour"),
+    ({"user_id": 1, "context": {"device": "fax", "colour": "red"}}, "device"),  # known keys stay validated
+    ({"user_id": 1, "context": {"location": "gb"}}, "location"),
+    ({"user_id": 1, "colour": "red"}, "colour"),  # an unknown top-level field is still refused
+    ({"user_id": 1, "context": "mobile"}, "context"),
     ({"user_id": 1, "context": {"categories": [-3]}}, "categories"),
 ])
 def test_bad_input_is_a_4xx_naming_the_field(server: Server, body: dict, field: str) -> None:
     status, _, reply = server.call("/recommend", body)
     assert 400 <= status < 500, reply
     assert field in json.dumps(reply)
+
+
+UNKNOWN_KEYS = "recsys_context_unknown_keys_total"
+
+
+def test_unknown_context_keys_are_accepted_ignored_and_counted(server: Server) -> None:
+    before = server.call("/metrics", method="GET")[2]
+    plain = {"user_id": 6, "k": 5, "context": {"device": "mobile"}}
+    newer = {"user_id": 6, "k": 5, "context": {"device": "mobile", "colour": "red", "screen": {"w": 390}}}
+    status, _, base = server.call("/recommend", plain)
+    assert status == 200, base
+    status, _, body = server.call("/recommend", newer)
+    assert status == 200, body
+    assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in base["items"]]  # ignored
+    status, _, accepted = server.call("/events", {"user_id": 6, "item_id": 2, "event_type": "VIEW",
+                                                  "context": {"referrer": "search", "app_version": "9.1"}}, key=API_KEY)
+    assert status == 200 and accepted["status"] == "accepted", accepted
+    status, _, reply = server.call("/events", {"user_id": 6, "item_id": 2, "event_type": "VIEW", "colour": "red"},
+                                   key=API_KEY)
+    assert status == 400 and "colour" in json.dumps(reply)  # unknown top-level field: refused
+    after = server.call("/metrics", method="GET")[2]
+    # two unknown keys in the /recommend context (colour, screen), one in the /events context
+    assert sample_value(after, UNKNOWN_KEYS, endpoint="recommend") - \
+        sample_value(before, UNKNOWN_KEYS, endpoint="recommend") == 2
+    assert sample_value(after, UNKNOWN_KEYS, endpoint="events") - \
+        sample_value(before, UNKNOWN_KEYS, endpoint="events") == 1
+    assert "colour" not in after and "app_version" not in after  # never a raw key as a label
 
 
 def test_malformed_json_is_a_4xx(server: Server) -> None:
@@ -164,7 +196,8 @@ def test_write_endpoints_need_the_key(server: Server) -> None:
 
 def test_event_reaches_kafka(server: Server, feature_ws: Settings) -> None:
     user = 5000 + int(uuid.uuid4().int % 1000)
-    status, _, body = server.call("/events", {"user_id": user, "item_id": 2, "event_type": "CLICK"}, key=API_KEY)
+    status, _, body = server.call("/events", {"user_id": user, "item_id": 2, "event_type": "CLICK",
+                                              "context": {"device": "tablet", "colour": "red"}}, key=API_KEY)
     assert status == 200 and body["status"] == "accepted"
     consumer = KafkaConsumer(feature_ws.events_topic, bootstrap_servers=feature_ws.effective_kafka_bootstrap,
                              group_id=f"t-{uuid.uuid4().hex}", auto_offset_reset="earliest", consumer_timeout_ms=20000,
@@ -179,6 +212,7 @@ def test_event_reaches_kafka(server: Server, feature_ws: Settings) -> None:
     assert found is not None
     key, value = found
     assert key == str(user).encode() and value["event_type"] == "CLICK" and value["item_id"] == 2
+    assert value["context"]["device"] == "tablet" and "colour" not in value["context"]  # unknown keys dropped
 
 
 def test_bad_event_is_a_4xx(server: Server) -> None:
@@ -250,6 +284,32 @@ def test_viewed_items_are_excluded_and_their_neighbours_included(server: Server,
     neighbours = {i["item_id"] for i in similar["items"]} - set(recent)
     assert neighbours & set(ids), (ids, neighbours)
     assert "similar" in {i["strategy"] for i in body["items"]}
+
+
+def test_a_purchase_through_events_removes_the_item_from_the_next_answer(server: Server,
+                                                                       feature_ws: Settings) -> None:
+    """End to end: PURCHASE through /events -> Kafka -> the stream (the purchased set, the cached
+    answer dropped) -> the next /recommend leaves the item out."""
+    from pipelines.stream import StreamOptions, StreamProcessor
+
+    user = 17  # a user of the workspace: history and an embedding, so a personalised answer
+    status, _, before = server.call("/recommend", {"user_id": user, "k": 10})
+    assert status == 200, before
+    ids = [i["item_id"] for i in before["items"]]
+    bought = next(i for i in ids if i <= N_ITEMS)  # an item of the dataset (the stream's catalogue)
+    deadline = time.monotonic() + 10  # the cache is written off the response path: allow it a moment
+    while server.call("/recommend", {"user_id": user, "k": 10})[2]["cached"] is not True:
+        assert time.monotonic() < deadline, "the answer was never cached"
+        time.sleep(0.1)
+    status, _, body = server.call("/events", {"user_id": user, "item_id": bought, "event_type": "PURCHASE",
+                                              "value": 1.0}, key=API_KEY)
+    assert status == 200 and body["status"] == "accepted", body
+    StreamProcessor(feature_ws, StreamOptions.from_settings(feature_ws, stop_when_caught_up=True,
+                                                            group_id=f"buy-{uuid.uuid4().hex[:6]}")).run()
+    status, _, after = server.call("/recommend", {"user_id": user, "k": 10})
+    assert status == 200, after
+    assert after["cached"] is False  # the stream deleted the cached answer with the purchase
+    assert after["items"] and bought not in [i["item_id"] for i in after["items"]], (bought, after["items"])
 
 
 def test_bentoml_build_packages_the_pinned_models(bentoml_home: Path) -> None:

@@ -36,6 +36,17 @@ def write_tiny_movielens(folder: Path, n_users: int = 40, n_items: int = 60, per
     return folder
 
 
+def assert_popularity_is_the_most_popular(report: dict) -> None:
+    """The popularity row ranks each user's unseen items by n_i, the very count ARP averages and
+    novelty takes -log2 of, so with full top-10 lists no row can have a higher ARP or a lower
+    novelty (per user, the 10 largest n_i maximise the mean n_i and minimise the mean
+    -log2(n_i / N)). The report rounds to 5 decimals, hence the 1e-5."""
+    for row in ("als", "two_stage"):
+        if report.get(f"{row}_arp@10") is not None:
+            assert report["popularity_arp@10"] >= report[f"{row}_arp@10"] - 1e-5
+            assert report["popularity_novelty@10"] <= report[f"{row}_novelty@10"] + 1e-5
+
+
 def test_cli_evaluate_in_its_own_workspace(tmp_path: Path) -> None:
     data = write_tiny_movielens(tmp_path / "tiny-ml")
     out, workspace, demo_data = tmp_path / "report.json", tmp_path / "ws", tmp_path / "demo-data"
@@ -50,11 +61,31 @@ def test_cli_evaluate_in_its_own_workspace(tmp_path: Path) -> None:
     for model in ("popularity", "als"):
         for key in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"):
             assert 0.0 <= report[f"{model}_{key}"] <= 1.0
+    # beyond accuracy, every row, from the same top-10 lists. Each of the 40 users trains on
+    # 25 - floor(0.2 * 25) = 20 distinct items: N = 800 training interactions, at most 40 per item.
+    for model in ("popularity", "als"):
+        # a user's top 10 alone holds 10 distinct items of the 60
+        assert 10 / 60 <= report[f"{model}_coverage@10"] <= 1.0
+        # self-information lies between -log2(40/800) = log2(20) and -log2(1/800) = log2(800) bits
+        assert np.log2(20) <= report[f"{model}_novelty@10"] <= np.log2(800)
+        assert 0.0 <= report[f"{model}_ild@10"] <= 2.0  # 1 - mean cosine, cosine in [-1, 1]
+        assert 0.0 <= report[f"{model}_arp@10"] <= 40.0
+        assert report[f"{model}_coverage@10"] == report["models"][model]["coverage@10"]
+    assert_popularity_is_the_most_popular(report)
     assert report["two_stage_ndcg@10"] is None and report["models"]["two_stage"] is None  # the ranker's room
+    assert all(report[f"two_stage_{key}"] is None for key in ("coverage@10", "novelty@10", "ild@10", "arp@10"))
     assert report["hyperparameters"]["tuned"] is False
     assert report["protocol"]["catalogue"] == 60
     # its own MLflow store and data copy, inside the workspace; nothing in the demo's data dir
     assert report["mlflow"]["tracking_uri"].startswith("sqlite:///") and (workspace / "mlflow.db").is_file()
+    # the run's MLflow metrics carry the report's headline keys, beyond accuracy included ("@" is
+    # "_at_" in MLflow names: models.tracking)
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(report["mlflow"]["tracking_uri"]).get_run(report["mlflow"]["run_id"]).data.metrics
+    for model in ("popularity", "als"):
+        for key in ("ndcg@10", "coverage@10", "novelty@10", "ild@10", "arp@10"):
+            assert logged[f"{model}_{key}".replace("@", "_at_")] == pytest.approx(report[f"{model}_{key}"], abs=1e-5)
     assert (workspace / "data" / "canonical" / "tiny-ml" / "manifest.json").is_file()
     assert not demo_data.exists() and not (tmp_path / "mlruns").exists()
 
@@ -83,3 +114,7 @@ def test_ml100k_als_beats_popularity(ml100k_path: Path, tmp_path: Path) -> None:
     assert len(report["models"]["als"]["ndcg_curve"]) == 20
     slices = report["models"]["als"]["slices"]
     assert slices["users_lt20_train"]["users"] > 0 and slices["long_tail_items"]["users"] > 0
+    for model in ("popularity", "als"):
+        for key in ("coverage@10", "novelty@10", "ild@10", "arp@10"):
+            assert report[f"{model}_{key}"] is not None
+    assert_popularity_is_the_most_popular(report)

@@ -124,6 +124,14 @@ def test_evaluate_top_k_by_hand(tiny: tuple[object, np.ndarray]) -> None:
     assert report["ndcg@10"] == pytest.approx((1 + 0.630930 + 0.386853) / 3, abs=1e-6)
     # top 10s hold items 2..10: 9 of 10
     assert report["coverage@10"] == pytest.approx(0.9)
+    # beyond accuracy on the same lists, popularity = distinct training users (3, 2, 2, 1, 1, 0...),
+    # N = 9 interactions. Of the 21 recommendations, items 3 (user 1) and 2 (user 2) have 2
+    # (-log2(2/9) = 2.169925 bits); the other 19 have 1 or none, counted as 1 (log2 9 = 3.169925)
+    # -> novelty = (19 * 3.169925 + 2 * 2.169925) / 21 = 3.169925 - 2/21 = 3.074687
+    assert report["novelty@10"] == pytest.approx(math.log2(9) - 2 / 21, abs=1e-6)
+    # ARP: user 1 (1 + 2 + 1 + 0 * 5) / 8 = 0.5, user 2 (1 + 2 + 1) / 8 = 0.5, user 3 0 -> 1/3
+    assert report["arp@10"] == pytest.approx(1 / 3)
+    assert math.isnan(report["ild@10"])  # no item vectors given: not measured
     small = report["slices"]["users_lt20_train"]
     assert small["users"] == 2 and small["ndcg@10"] == pytest.approx((1 + 0.630930) / 2, abs=1e-6)
     tail = report["slices"]["long_tail_items"]
@@ -131,6 +139,14 @@ def test_evaluate_top_k_by_hand(tiny: tuple[object, np.ndarray]) -> None:
     assert tail["users"] == 2 and tail["ndcg@10"] == pytest.approx((1 + 0.386853) / 2, abs=1e-6)
     # 21 recommendations, one of them (item 2 for user 2) in the head
     assert tail["share_of_top10"] == pytest.approx(20 / 21)
+
+
+def test_evaluate_top_k_ild_uses_the_given_item_vectors(tiny: tuple[object, np.ndarray]) -> None:
+    eval_set, ranked = tiny
+    # one-hot vectors: every pair orthogonal -> 1; all equal -> 0
+    assert evaluate_top_k(eval_set, ranked, ks=(10,), item_vectors=np.eye(10))["ild@10"] == pytest.approx(1.0)
+    same = np.ones((10, 4))
+    assert evaluate_top_k(eval_set, ranked, ks=(10,), item_vectors=same)["ild@10"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_rank_with_excludes_training_items(tiny: tuple[object, np.ndarray]) -> None:

@@ -46,7 +46,9 @@ from tests.support.stream import (
     offline_rows,
     online,
     produce,
+    purchased_sets,
     reference,
+    reference_purchased,
     run_stream,
     scoped,
     start_cli,
@@ -85,6 +87,9 @@ def test_online_features_equal_the_fold(streamed: tuple[Settings, Any]) -> None:
     assert got == HAND_EXPECTED
     assert (stats.events, stats.applied, stats.duplicates, stats.dead_letters) == (607, 607, 0, 0)
     assert redis.Redis.from_url(settings.effective_redis_url).exists(recs_cache_key(1)) == 0
+    # the purchased sets serving reads: user 9 bought 4 and 5 (hand_events); the others as the fold says
+    assert purchased_sets(settings, users) == reference_purchased(CANONICAL_EVENTS)
+    assert purchased_sets(settings, [HAND_USER]) == {HAND_USER: {4, 5}}
 
 
 def test_offline_log_holds_what_serving_saw(streamed: tuple[Settings, Any]) -> None:
@@ -104,6 +109,7 @@ def test_replaying_the_same_events_changes_nothing(streamed: tuple[Settings, Any
     stats = run_stream(settings)
     assert (stats.events, stats.applied, stats.duplicates, stats.rows_online) == (607, 0, 607, 0)
     assert online(settings, users) == before == reference(settings, CANONICAL_EVENTS)
+    assert purchased_sets(settings, users) == reference_purchased(CANONICAL_EVENTS)
 
 
 def test_stream_keeps_trending_current(streamed: tuple[Settings, Any]) -> None:
@@ -136,7 +142,7 @@ def test_trending_refresh_from_the_offline_log_matches_the_stream(streamed: tupl
 
 
 @pytest.mark.slow
-def test_backfill_agrees_with_the_stream(streamed: tuple[Settings, Any]) -> None:
+def test_backfill_agrees_with_the_stream(streamed: tuple[Settings, Any], ws: Settings) -> None:
     from pipelines.backfill import run_backfill
     from recsys.spark import get_spark
 
@@ -160,9 +166,44 @@ def test_backfill_agrees_with_the_stream(streamed: tuple[Settings, Any]) -> None
     assert len(merged) == len(stream_rows)
     for f in FEATURES:
         assert merged[f"{f}_s"].tolist() == merged[f"{f}_b"].tolist()
-    # a rerun replaces its files instead of adding rows
-    run_backfill(get_spark(settings), settings, END)
+    # a rerun replaces its files instead of adding rows; seeding an empty Redis database (the same
+    # dataset) writes the states and the purchased sets the stream built (user 9 bought 4 and 5)
+    seeded = scoped(ws, "seed")
+    result = run_backfill(get_spark(seeded), seeded, END, seed_state=True)
     assert len(offline_rows(settings, users)) == len(rows)
+    assert result.seeded == 5
+    assert purchased_sets(seeded, users) == purchased_sets(settings, users) == reference_purchased(CANONICAL_EVENTS)
+    assert purchased_sets(seeded, [HAND_USER]) == {HAND_USER: {4, 5}}
+
+
+BUYER, BOUNDED = 31, 32
+
+
+def purchase_events() -> list[dict[str, Any]]:
+    """User 31: PURCHASE 3 (t0), VIEW 5 (t1), PURCHASE 7 (t2). User 32: PURCHASE 3, 7, 9 (t0..t2)."""
+    steps = [(BUYER, "PURCHASE", 3), (BUYER, "VIEW", 5), (BUYER, "PURCHASE", 7),
+             (BOUNDED, "PURCHASE", 3), (BOUNDED, "PURCHASE", 7), (BOUNDED, "PURCHASE", 9)]
+    return [{S.COL_EVENT_ID: f"b{i}", S.COL_USER: user, S.COL_ITEM: item, S.COL_EVENT_TYPE: etype,
+             S.COL_VALUE: None, S.COL_TS: END - timedelta(minutes=10) + timedelta(seconds=10 * (i % 3)),
+             S.COL_SESSION: None, S.COL_CONTEXT: None} for i, (user, etype, item) in enumerate(steps)]
+
+
+def test_stream_keeps_the_latest_purchases_and_a_redelivery_changes_nothing(ws: Settings) -> None:
+    settings = scoped(ws, "buy")
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    client.set(recs_cache_key(BUYER), b"cached")  # an answer cached before the purchase
+    events = purchase_events()
+    produce(settings, events)
+    stats = run_stream(settings, purchased_max=2)
+    assert (stats.applied, stats.duplicates) == (6, 0)
+    # 31: the VIEW of 5 is not a purchase -> {3, 7}; 32: bound 2, so its oldest purchase (3) falls out
+    assert purchased_sets(settings, [BUYER, BOUNDED]) == {BUYER: {3, 7}, BOUNDED: {7, 9}}
+    assert client.exists(recs_cache_key(BUYER)) == 0  # the stale answer is gone with the purchase
+    produce(settings, events)  # the same events again, at new offsets (a producer's retry)
+    stats = run_stream(settings, purchased_max=2)
+    assert (stats.applied, stats.duplicates) == (0, 6)
+    # PURCHASE 3 of user 32 again is a duplicate: it does not come back
+    assert purchased_sets(settings, [BUYER, BOUNDED]) == {BUYER: {3, 7}, BOUNDED: {7, 9}}
 
 
 def test_dead_letters_get_exactly_the_malformed_events(ws: Settings) -> None:

@@ -132,6 +132,17 @@ def reference(settings: Settings, events: list[dict[str, Any]]) -> dict[int, dic
     return {u: {**st.features(), "last_action_ts": st.last_action.replace(microsecond=0)} for u, st in states.items()}
 
 
+def reference_purchased(events: list[dict[str, Any]]) -> dict[int, set[int]]:
+    """Each user's purchased items by the pure fold (the default bound)."""
+    return {u: set(st.purchased_items) for u, st in fold_events(as_rule_events(events)).items()}
+
+
+def purchased_sets(settings: Settings, users: Iterable[int]) -> dict[int, set[int]]:
+    """What serving reads: each user's Redis set at ``purchased_key`` (empty when absent)."""
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    return {u: {int(m) for m in client.smembers(S.purchased_key(u))} for u in users}
+
+
 def online(settings: Settings, users: list[int]) -> dict[int, dict[str, Any]]:
     """What Feast's own online read returns for these users."""
     got = fs.get_store(settings).get_online_features(
