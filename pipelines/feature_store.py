@@ -9,15 +9,21 @@ writes that config out for ``feast -f``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from recsys import feature_tables as T
@@ -189,6 +195,12 @@ def materialize_incremental(settings: Settings, end: datetime, views: list[str] 
 
 # ---- training frames --------------------------------------------------------------------------
 
+#: Entity rows per point-in-time join. Each chunk is one Feast query whose result Spark writes to
+#: parquet, so the Spark driver never holds more than a chunk's join, whatever the frame's size.
+TRAINING_FRAME_CHUNK_ROWS = 100_000
+#: Entity rows a pandas training frame may have: the whole frame is held in this process's memory.
+TRAINING_FRAME_MAX_ROWS = 5_000_000
+
 
 def get_training_frame(
     entity_df: pd.DataFrame,
@@ -196,13 +208,24 @@ def get_training_frame(
     settings: Settings | None = None,
     output: Literal["pandas", "spark"] = "pandas",
     store: FeatureStore | None = None,
+    chunk_rows: int = TRAINING_FRAME_CHUNK_ROWS,
+    max_rows: int = TRAINING_FRAME_MAX_ROWS,
 ) -> pd.DataFrame | SparkDataFrame:
     """Labels plus point-in-time-correct features.
 
     ``entity_df`` has ``event_timestamp`` (the label's time) and the join keys the service needs
     (``user_id`` and/or ``item_id``), plus any label columns. Each row gets, for every feature
     view, the latest value whose event time is at or before the label's time and within the view's
-    TTL; nothing stamped after the label is ever joined. Missing values come back as nulls.
+    TTL; nothing stamped after the label is ever joined. Missing values come back as nulls, rows in
+    Feast's order (not the entity's).
+
+    Bounded memory: the entity rows reach Spark as a parquet scan, never as an in-memory relation
+    (Feast's query reads the entity table several times per feature view, and a relation built
+    from pandas puts a copy of every row into the driver's heap for each read). ``output="pandas"`` joins them in chunks of at
+    most ``chunk_rows`` rows, in label-time order, each written to parquet by Spark and read back
+    with pyarrow; a frame over ``max_rows`` rows raises :class:`FeatureStoreError` before any work.
+    ``output="spark"`` is one lazy query over all the rows (its entity parquet is removed when
+    this process exits).
     """
     from recsys.config import load_settings
 
@@ -211,14 +234,70 @@ def get_training_frame(
         raise FeatureStoreError(f"entity_df needs an {S.COL_TS!r} column (the label time); it has {list(entity_df.columns)}")
     if feature_service not in FEATURE_SERVICES:
         raise FeatureStoreError(f"unknown feature service {feature_service!r}: choose from {FEATURE_SERVICES}")
-    frame = entity_df.copy()
+    if chunk_rows < 1:
+        raise FeatureStoreError(f"chunk_rows={chunk_rows} must be >= 1")
+    if output == "pandas" and len(entity_df) > max_rows:
+        raise FeatureStoreError(
+            f"the training frame would have {len(entity_df):,} entity rows, over max_rows={max_rows:,} (all held "
+            "in memory): sample fewer label users (`recsys train ranker --max-users`, ExampleConfig.max_users) "
+            "or raise max_rows (pipelines.feature_store.TRAINING_FRAME_MAX_ROWS) on a machine with the memory")
+    frame = entity_df.reset_index(drop=True)
     frame[S.COL_TS] = pd.to_datetime(frame[S.COL_TS], utc=True).dt.as_unit("us")
     store = store or get_store(settings)
-    job = store.get_historical_features(entity_df=frame, features=store.get_feature_service(feature_service))
+    service = store.get_feature_service(feature_service)
+    scratch = settings.data_path / "tmp" / f"training-frame-{uuid.uuid4().hex[:12]}"
+    chunks = _write_entity_chunks(frame, scratch / "entity", chunk_rows if output == "pandas" else len(frame) or 1)
     if output == "spark":
-        return job.to_spark_df()
-    result = job.to_df()
-    result[S.COL_TS] = pd.to_datetime(result[S.COL_TS], utc=True)  # Spark hands back naive UTC times
+        atexit.register(shutil.rmtree, scratch, True)
+        return store.get_historical_features(entity_df=_entity_spark_df(settings, chunks), features=service).to_spark_df()
+    try:
+        started = time.perf_counter()
+        parts = []
+        for number, chunk in enumerate(chunks):
+            result = scratch / "frame" / chunk.name
+            job = store.get_historical_features(entity_df=_entity_spark_df(settings, [chunk]), features=service)
+            job.to_spark_df().write.mode("overwrite").parquet(str(result))
+            parts.append(pq.read_table(result))
+            log.info("training frame: chunk %d/%d joined (%.1fs so far)", number + 1, len(chunks),
+                     time.perf_counter() - started)
+        return _frame_from_arrow(pa.concat_tables(parts, promote_options="permissive"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_entity_chunks(frame: pd.DataFrame, folder: Path, chunk_rows: int) -> list[Path]:
+    """The entity rows as parquet folders of at most ``chunk_rows`` rows, in label-time order (a
+    chunk then spans few days, and Feast prunes the profile views' date partitions to them)."""
+    ordered = frame.sort_values(S.COL_TS, kind="stable")
+    table = pa.Table.from_pandas(ordered, preserve_index=False)
+    paths = []
+    for number, start in enumerate(range(0, max(len(ordered), 1), chunk_rows)):
+        path = folder / f"chunk={number:05d}"
+        path.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.slice(start, chunk_rows), path / "part-0.parquet", coerce_timestamps="us")
+        paths.append(path)
+    return paths
+
+
+def _entity_spark_df(settings: Settings, paths: list[Path]) -> SparkDataFrame:
+    from pyspark.sql import functions as F
+
+    from recsys.spark import get_spark
+
+    entity = get_spark(settings).read.parquet(*[str(p) for p in paths])
+    # timestamp_ntz (UTC wall-clock) because Feast takes the label-time range from a collect()
+    # of this column, and pyspark turns a plain timestamp into the Python process's local time
+    return entity.withColumn(S.COL_TS, F.col(S.COL_TS).cast("timestamp_ntz"))
+
+
+def _frame_from_arrow(table: pa.Table) -> pd.DataFrame:
+    """The joined parquet as pandas, typed as Feast's own ``to_df()`` types it: the label time in
+    UTC, every other timestamp naive UTC (as Spark's collect hands them back)."""
+    result = table.to_pandas()
+    for column in result.columns:
+        if isinstance(result[column].dtype, pd.DatetimeTZDtype):
+            result[column] = result[column].dt.tz_convert(None)
+    result[S.COL_TS] = pd.to_datetime(result[S.COL_TS], utc=True)
     return result
 
 

@@ -73,6 +73,49 @@ def test_training_frame_never_holds_a_later_value(feature_ws: Settings) -> None:
         assert got == expected
 
 
+def _by_label(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values("label").reset_index(drop=True)
+
+
+def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Array cells as tuples (NaN-free), so two frames compare with DataFrame.equals."""
+    return frame.apply(lambda col: col.map(lambda v: tuple(v) if isinstance(v, (list, np.ndarray)) else v)
+                       if col.dtype == object else col)
+
+
+def test_chunked_frame_equals_one_shot_and_feasts_own(feature_ws: Settings) -> None:
+    events = pd.read_parquet(feature_ws.dataset_path / "events").sample(300, random_state=1)
+    labels = events[[S.COL_USER, S.COL_ITEM, S.COL_TS]].reset_index(drop=True).assign(label=np.arange(300))
+    chunked = _by_label(fs.get_training_frame(labels, "ranker_v1", settings=feature_ws, chunk_rows=70))  # 5 chunks
+    one_shot = _by_label(fs.get_training_frame(labels, "ranker_v1", settings=feature_ws))
+    store = fs.get_store(feature_ws)
+    feast_own = store.get_historical_features(entity_df=labels.copy(),
+                                              features=store.get_feature_service("ranker_v1")).to_df()
+    feast_own[S.COL_TS] = pd.to_datetime(feast_own[S.COL_TS], utc=True)
+    feast_own = _by_label(feast_own)[list(one_shot.columns)]
+    assert len(chunked) == len(one_shot) == 300  # one row per label, whatever the chunking
+    assert chunked["label"].tolist() == list(range(300))
+    assert _comparable(chunked).equals(_comparable(one_shot))
+    # the same values as Feast's own collect (its to_df), column by column
+    for column in one_shot.columns:
+        assert _comparable(one_shot[[column]]).equals(_comparable(feast_own[[column]]).astype(
+            one_shot[[column]].dtypes.to_dict())), column
+
+
+def test_training_frame_over_the_row_cap_names_the_setting(feature_ws: Settings) -> None:
+    labels = pd.DataFrame({S.COL_USER: [1, 2, 3], S.COL_ITEM: [1, 1, 1], S.COL_TS: [END] * 3})
+    with pytest.raises(fs.FeatureStoreError, match=r"3 entity rows, over max_rows=2 .*--max-users.*TRAINING_FRAME_MAX_ROWS"):
+        fs.get_training_frame(labels, "ranker_v1", settings=feature_ws, max_rows=2)
+    with pytest.raises(fs.FeatureStoreError, match=r"chunk_rows=0 must be >= 1"):
+        fs.get_training_frame(labels, "ranker_v1", settings=feature_ws, chunk_rows=0)
+
+
+def test_training_frame_leaves_no_scratch_files(feature_ws: Settings) -> None:
+    labels = pd.DataFrame({S.COL_USER: [HAND_USER], S.COL_ITEM: [1], S.COL_TS: [T2 + timedelta(hours=1)]})
+    fs.get_training_frame(labels, "ranker_v1", settings=feature_ws)
+    assert list((feature_ws.data_path / "tmp").glob("training-frame-*")) == []
+
+
 def test_training_frame_as_spark(feature_ws: Settings) -> None:
     labels = pd.DataFrame({S.COL_USER: [HAND_USER], S.COL_ITEM: [1], S.COL_TS: [T2 + timedelta(hours=1)]})
     sdf = fs.get_training_frame(labels, "ranker_v1", settings=feature_ws, output="spark")
