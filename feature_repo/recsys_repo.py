@@ -6,9 +6,10 @@ environment and ``recsys.yaml``), so the same file serves the demo, a test works
 cluster. The view names are the public contract for notebooks and the service.
 
 TTL, as it works here (Feast issue #6821 and its Redis store):
-- a view's ``ttl`` bounds how old a value a *training frame* (point-in-time join) may use: the
-  daily profiles expire after 2 days without a new snapshot; real-time state and embeddings stay
-  valid until replaced (ttl 0 = no limit);
+- a view's ``ttl`` bounds how old a value a *training frame* (point-in-time join) may use: a user
+  profile expires 2 days after the user's last active day; the sparse item profile gets a row on
+  each change and at least every 30 days (a heartbeat), so its 30-day TTL only fires when the
+  batch job stops; real-time state and embeddings stay valid until replaced (ttl 0 = no limit);
 - *online* reads ignore view TTLs. Redis expiry (``RECSYS_ONLINE_KEY_TTL_SECONDS``) is per entity
   key: when it fires, every view of that user (or item) disappears at once. It is off by default,
   because a user's features must not vanish while their cached recommendations still exist.
@@ -117,7 +118,7 @@ clickstream_events = KafkaSource(
 user_profile_fv = FeatureView(
     name=T.USER_PROFILE,
     entities=[user],
-    ttl=timedelta(days=2),
+    ttl=timedelta(days=T.USER_PROFILE_TTL_DAYS),
     schema=[
         Field(name="n_events", dtype=Int64),
         Field(name="n_views", dtype=Int64),
@@ -166,7 +167,7 @@ item_embedding_fv = FeatureView(
 item_profile_fv = FeatureView(
     name=T.ITEM_PROFILE,
     entities=[item],
-    ttl=timedelta(days=2),
+    ttl=timedelta(days=T.ITEM_PROFILE_TTL_DAYS),
     schema=[
         Field(name=S.COL_CATEGORY, dtype=Int64),
         Field(name="tags", dtype=Array(String)),

@@ -7,11 +7,15 @@ features built from events before t: the point-in-time join cannot leak the labe
 - ``user_profile``: one row per user and day on which the user had events (a profile only changes
   when its user acts; the view's TTL keeps it usable for two days after the last snapshot, and
   the real-time view carries the freshest state);
-- ``item_profile``: one row per item and day: catalogue attributes plus popularity (events in
-  the trailing 1 and 7 days).
+- ``item_profile``: catalogue attributes plus popularity (events in the trailing 1 and 7 days),
+  sparse: a row for an item on a day only when its values changed since the day before (the day
+  a window empties included), on a heartbeat day every ``ITEM_PROFILE_TTL_DAYS`` days, and on the
+  day still in progress (:mod:`pipelines.item_profile` has the rule and why point-in-time joins
+  return what dense daily rows would give).
 
 Rows carry ``event_timestamp = c_D`` and ``created`` = the job's run time. Output is partitioned by
-``snapshot_date``; a run overwrites exactly the days in its range, so reruns are idempotent.
+``snapshot_date``; a run replaces exactly the days in its range (a day left without rows loses its
+old ones), so reruns are idempotent, and a run over later days equals a run over all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from datetime import date, datetime, timedelta, timezone
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from pipelines.item_profile import day_number, item_profile, previous_rows
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
@@ -50,20 +55,33 @@ class DayRange:
         return cls(last - timedelta(days=days - 1), last)
 
 
-def _days(spark: SparkSession, days: DayRange, now: datetime) -> DataFrame:
-    """One row per day: snapshot_date (string), day (date), cutoff = min(next midnight, now)."""
+def snapshot_days(spark: SparkSession, days: DayRange, now: datetime) -> DataFrame:
+    """One row per day: snapshot_date (string), day (date), cutoff = min(next midnight, now),
+    dn (days since 1970-01-01) and complete (the cutoff is the next midnight)."""
     rows = []
     d = days.first
     while d <= days.last:
-        cutoff = min(datetime.combine(d + timedelta(days=1), datetime.min.time(), tzinfo=timezone.utc), now)
-        rows.append((d.isoformat(), d, cutoff))
+        midnight = datetime.combine(d + timedelta(days=1), datetime.min.time(), tzinfo=timezone.utc)
+        cutoff = min(midnight, now)
+        rows.append((d.isoformat(), d, cutoff, day_number(d), cutoff == midnight))
         d += timedelta(days=1)
-    return spark.createDataFrame(rows, f"{T.SNAPSHOT_DATE} string, day date, cutoff timestamp")
+    return spark.createDataFrame(rows, f"{T.SNAPSHOT_DATE} string, day date, cutoff timestamp, dn int, complete boolean")
 
 
-def _write(df: DataFrame, path: str) -> None:
-    # dynamic partition overwrite (recsys.spark defaults): only the days in this run are replaced
+def _write(df: DataFrame, path: str, days: DayRange) -> None:
+    # dynamic partition overwrite (recsys.spark defaults): only the days in this run are replaced;
+    # a day of the range that now has no rows (sparse tables) would keep its old partition, so it goes
+    written = {str(r[0]) for r in df.select(T.SNAPSHOT_DATE).distinct().collect()}
     df.write.mode("overwrite").partitionBy(T.SNAPSHOT_DATE).parquet(path)
+    import shutil
+    from pathlib import Path
+
+    d = days.first
+    while d <= days.last:
+        folder = Path(path) / f"{T.SNAPSHOT_DATE}={d.isoformat()}"
+        if d.isoformat() not in written and folder.is_dir():
+            shutil.rmtree(folder)
+        d += timedelta(days=1)
 
 
 def user_profile(events: DataFrame, items: DataFrame, days_df: DataFrame, created: datetime) -> DataFrame:
@@ -131,43 +149,35 @@ def user_profile(events: DataFrame, items: DataFrame, days_df: DataFrame, create
     )
 
 
-def item_profile(events: DataFrame, items: DataFrame, days_df: DataFrame, created: datetime) -> DataFrame:
-    counts = (
-        days_df.join(events.select(S.COL_ITEM, S.COL_TS),
-                     (F.col(S.COL_TS) < F.col("cutoff")) & (F.col(S.COL_TS) >= F.col("cutoff") - F.expr("INTERVAL 7 DAYS")))
-        .groupBy(S.COL_ITEM, T.SNAPSHOT_DATE)
-        .agg(
-            F.sum((F.col(S.COL_TS) >= F.col("cutoff") - F.expr("INTERVAL 1 DAYS")).cast("long")).alias("popularity_1d"),
-            F.count(F.lit(1)).alias("popularity_7d"),
-        )
-    )
-    # an item exists in a snapshot once it has been created
-    grid = items.crossJoin(days_df).where(F.col(S.COL_CREATED_AT) < F.col("cutoff"))
-    return grid.join(counts, [S.COL_ITEM, T.SNAPSHOT_DATE], "left").select(
-        F.col(S.COL_ITEM),
-        F.col("cutoff").alias(S.COL_TS),
-        F.lit(created).cast("timestamp").alias(T.CREATED),
-        S.COL_CATEGORY, "tags", "price", "margin", "quality_score", "inventory",
-        F.coalesce("popularity_1d", F.lit(0)).alias("popularity_1d"),
-        F.coalesce("popularity_7d", F.lit(0)).alias("popularity_7d"),
-        S.COL_CREATED_AT, "title", "image_url",
-        F.col(T.SNAPSHOT_DATE),
-    )
+def run_batch_features(spark: SparkSession, settings: Settings, now: datetime, days: DayRange,
+                       heartbeat_days: int = T.ITEM_PROFILE_TTL_DAYS) -> dict[str, int]:
+    """Compute and write both snapshot tables for ``days``; returns rows written per table.
 
-
-def run_batch_features(spark: SparkSession, settings: Settings, now: datetime, days: DayRange) -> dict[str, int]:
-    """Compute and write both snapshot tables for ``days``; returns rows written per table."""
+    ``heartbeat_days`` must not exceed item_profile's TTL in days (the declared TTL is the
+    default): a longer period would let unchanged values age out of point-in-time joins."""
+    if not 1 <= heartbeat_days <= T.ITEM_PROFILE_TTL_DAYS:
+        raise ValueError(f"heartbeat_days={heartbeat_days} must be within 1..{T.ITEM_PROFILE_TTL_DAYS} "
+                         "(item_profile's TTL in days, recsys.feature_tables.ITEM_PROFILE_TTL_DAYS)")
     events = spark.read.parquet(str(settings.dataset_path / "events")).where(F.col(S.COL_TS) < F.lit(now))
     items = spark.read.parquet(str(settings.dataset_path / "items"))
-    days_df = F.broadcast(_days(spark, days, now))
+    days_df = snapshot_days(spark, days, now)
     created = datetime.now(timezone.utc)
+    item_path = T.table_path(settings, T.ITEM_PROFILE)
+    # the look-back is the TTL, not this run's heartbeat: earlier runs may have beaten less often
+    previous = previous_rows(spark, str(item_path), days.first, T.ITEM_PROFILE_TTL_DAYS)
+    builds = {
+        T.USER_PROFILE: lambda: user_profile(events, items, F.broadcast(days_df.select(T.SNAPSHOT_DATE, "day", "cutoff")),
+                                             created),
+        T.ITEM_PROFILE: lambda: item_profile(spark, events, items, days_df, F.lit(created).cast("timestamp"),
+                                             previous, heartbeat_days),
+    }
     written = {}
-    for table, build in ((T.USER_PROFILE, user_profile), (T.ITEM_PROFILE, item_profile)):
-        df = build(events, items, days_df, created).cache()
+    for table, build in builds.items():
+        df = build().cache()
         written[table] = df.count()
         path = T.table_path(settings, table)
         _drop_placeholder(path)
-        _write(df, str(path))
+        _write(df, str(path), days)
         df.unpersist()
         log.info("%s: wrote %d rows for %s..%s", table, written[table], days.first, days.last)
     return written

@@ -29,6 +29,11 @@ CREATED = "created"
 SNAPSHOT_DATE = "snapshot_date"
 #: Tables written as daily snapshots, partitioned by SNAPSHOT_DATE.
 PARTITIONED = (USER_PROFILE, ITEM_PROFILE)
+#: The snapshot views' TTLs in days (``feature_repo/`` declares them from these). item_profile is
+#: sparse: a row on change or every ITEM_PROFILE_TTL_DAYS-th day (a heartbeat), so no unchanged
+#: value ages out of a point-in-time join while the batch job runs (docs/feature-store.md).
+USER_PROFILE_TTL_DAYS = 2
+ITEM_PROFILE_TTL_DAYS = 30
 
 _KEYS = {
     USER_PROFILE: S.COL_USER,
