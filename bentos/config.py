@@ -19,6 +19,9 @@ class ServingConfig:
     exploration_every: int = 5  # cold start: every 5th slot is an exploration item
     new_item_share: float = 0.1  # share of personalised answers that show one new item (exploration)
     new_item_days: int = 7
+    #: the 1-based position of that new item, the same for every k (the last slot of the default
+    #: k=10), so a cached top list sliced to k shows what a fresh answer for k would show
+    new_item_slot: int = 10
     cache_size: int = 100
     cache_ttl_s: int = 600
     #: the ranker's budget per call: a fixed value, or None to measure it at start-up as
@@ -44,8 +47,20 @@ class ServingConfig:
         if not self.ranker_timeout_headroom >= 1.0:
             raise ValueError(f"ranker_timeout_headroom={self.ranker_timeout_headroom} must be >= 1 "
                              "(a budget under the measured p99 times out on purpose)")
-        for name in ("ranker_warmup_calls", "ranker_workers", "cache_size", "n_candidates"):
+        for name in ("ranker_warmup_calls", "ranker_workers", "cache_size", "n_candidates", "new_item_slot"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.ranker_queue < 0:
             raise ValueError(f"ranker_queue={self.ranker_queue} must be >= 0 (0: no call waits for a thread)")
+
+
+def service_resources() -> dict[str, float]:
+    """The BentoML ``resources`` the service declares: ``{"gpu": n}`` when ``RECSYS_SERVICE_GPUS``
+    (:attr:`recsys.config.Settings.service_gpus`) is above 0, else none. BentoML's allocator then
+    gives each worker its GPU through CUDA_VISIBLE_DEVICES, and TensorFlow places the ranker's
+    SavedModel there; with none declared the same code runs on the CPU (or on whatever GPU
+    TensorFlow sees)."""
+    from recsys.config import load_settings
+
+    gpus = load_settings().service_gpus
+    return {"gpu": gpus} if gpus else {}

@@ -15,7 +15,7 @@ the precompute job both call. :meth:`RecommendationEngine.recommend` runs the st
    budget (bentos.ranker_call), with its fallbacks, to scores in [0, 1];
 5. rules (bentos.rules): stock, purchases, margin, quality, trending, diversity;
 6. answer (bentos.answer): the top ``cache_size`` cached (off the response path), the first k
-   returned; a ``new_item_share`` of personalised answers show one new item in the last slot.
+   returned; a ``new_item_share`` of personalised answers show one new item at ``new_item_slot``.
 
 Redis down: answers still come from the in-memory catalogue (popular items), flagged
 ``degraded``; a circuit breaker (bentos.breaker) skips Redis for ``redis_retry_s`` after a
@@ -152,8 +152,9 @@ class RecommendationEngine:
         ranked = RankedList.from_ruled(ruled, cands.strategies, item_feats)
         new_item = self.candidates.new_item(user_id, seen | set(ranked.item_ids), user.preferred_categories)
         if new_item is not None and ranked.item_ids:
-            # the last visible slot: exploration without burying the best
-            ranked.insert(min(k, len(ranked)) - 1, new_item, "new_item")
+            # a fixed slot (the default k's last): exploration without burying the best, and the
+            # same position in a cached top list as in a fresh answer, whatever k either asked for
+            ranked.insert(min(self.config.new_item_slot, len(ranked)) - 1, new_item, "new_item")
         return self._finish(user_id, ranked, k, False, reasons, cache)
 
     def _cold_start(self, user_id: int, user: UserFeatures, k: int, onboarding: list[int], purchased: set[int],

@@ -1,10 +1,14 @@
-"""Builds a RecommendationEngine from Settings and the model artefacts (service and precompute)."""
+"""Builds the one RecommendationEngine that the service, the precompute job and the evaluation of
+the served pipeline all run: the served models resolved from the BentoML model store
+(:func:`served_models`), the serving configuration from Settings, then :func:`build_engine`."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from bentos.config import ServingConfig
 from bentos.engine import RecommendationEngine
 from bentos.features import ITEM_FEATURES, USER_FEATURES
 from bentos.scoring import Scorer
+from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL, RUN_ID_LABEL
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
@@ -36,6 +41,63 @@ def redis_client(settings: Settings, timeout_s: float = 0.25) -> redis.Redis:
                                 socket_connect_timeout=timeout_s, health_check_interval=0)
 
 
+@dataclass(frozen=True)
+class ServedModels:
+    """The models an engine serves: their folders (None: absent, the engine runs without) and the
+    ``model_versions`` every answer carries: ``index`` and ``ranker`` (the BentoML tag, or
+    ``"absent"``) and, where the model was logged, ``index_mlflow_run`` / ``ranker_mlflow_run``."""
+
+    index_dir: Path | None
+    ranker_dir: Path | None
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def latest_model(name: str, bentoml_home: Path | None = None) -> Any | None:
+    """The BentoML store's latest model ``name`` (``$BENTOML_HOME`` unless ``bentoml_home``), or
+    None when the store has none."""
+    import bentoml
+
+    from models.tracking import get_bentoml_model
+
+    try:
+        return get_bentoml_model(f"{name}:latest", bentoml_home=bentoml_home)
+    except bentoml.exceptions.NotFound:
+        return None
+
+
+def describe_models(index: Any | None, ranker: Any | None) -> ServedModels:
+    """Folders and versions of stored BentoML models (None: absent, logged with what to do).
+    The service passes its pinned models, precompute the store's latest: one derivation."""
+    versions: dict[str, str] = {}
+    folders: list[Path | None] = []
+    for stored, name, label in ((index, BENTO_INDEX_MODEL, "index"), (ranker, BENTO_RANKER_MODEL, "ranker")):
+        if stored is None:
+            log.warning("no %s in the BentoML model store: run `recsys train` (serving without it)", name)
+            versions[label] = "absent"
+            folders.append(None)
+            continue
+        versions[label] = str(stored.tag)
+        run_id = stored.info.labels.get(RUN_ID_LABEL)
+        if run_id:
+            versions[f"{label}_mlflow_run"] = run_id
+        folders.append(Path(stored.path))
+    return ServedModels(folders[0], folders[1], versions)
+
+
+def served_models(bentoml_home: Path | None = None) -> ServedModels:
+    """What the service serves: the latest ``item_index`` and ``ranker`` (:mod:`models.names`) of
+    the BentoML model store (``$BENTOML_HOME`` unless ``bentoml_home``)."""
+    return describe_models(latest_model(BENTO_INDEX_MODEL, bentoml_home),
+                           latest_model(BENTO_RANKER_MODEL, bentoml_home))
+
+
+def serving_config(settings: Settings, **overrides: Any) -> ServingConfig:
+    """The serving configuration of ``settings`` (cache TTL, the ranker's budget), with overrides."""
+    base = ServingConfig(cache_ttl_s=settings.recs_cache_ttl_seconds, ranker_timeout_ms=settings.ranker_timeout_ms,
+                         ranker_timeout_headroom=settings.ranker_timeout_headroom)
+    return replace(base, **overrides) if overrides else base
+
+
 def load_index(folder: Path | None) -> Any | None:
     if folder is None or not Path(folder).exists():
         return None
@@ -54,22 +116,25 @@ def load_scorer(folder: Path | None) -> Scorer | None:
 
 def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: Path | None = None,
                  config: ServingConfig | None = None, model_versions: Mapping[str, str] | None = None,
-                 client: redis.Redis | None = None, scorer: Scorer | None = None) -> RecommendationEngine:
+                 client: redis.Redis | None = None, scorer: Scorer | None = None,
+                 now: Callable[[], datetime] | None = None) -> RecommendationEngine:
     """The engine with the catalogue, the online reader, the index of ``index_dir`` and the
     ranker of ``ranker_dir`` (or ``scorer``, already loaded), items added while serving replayed,
-    and the ranker warmed up with its time budget measured (:meth:`Scoring.calibrate`)."""
+    and the ranker warmed up with its time budget measured (:meth:`Scoring.calibrate`). ``now``:
+    the engine's clock (default: the catalogue's snapshot time; the evaluation sets its cutoff)."""
     from pipelines.feature_store import get_store
     from pipelines.online_features import OnlineFeatureReader
 
     client = client or redis_client(settings)
     catalog = ItemCatalog.from_item_profile(T.table_path(settings, T.ITEM_PROFILE))
     reader = OnlineFeatureReader(settings, USER_FEATURES, ITEM_FEATURES, store=get_store(settings), client=client)
-    config = config or ServingConfig(cache_ttl_s=settings.recs_cache_ttl_seconds,
-                                     ranker_timeout_ms=settings.ranker_timeout_ms,
-                                     ranker_timeout_headroom=settings.ranker_timeout_headroom)
+    config = config or serving_config(settings)
+    scorer = scorer or load_scorer(ranker_dir)
+    if getattr(scorer, "variant", None):  # answers say which variant of the ranker scored them
+        model_versions = {**(model_versions or {}), "ranker_variant": str(scorer.variant)}  # type: ignore[union-attr]
     engine = RecommendationEngine(catalog, client, reader.read, index=load_index(index_dir),
-                                  scorer=scorer or load_scorer(ranker_dir), config=config,
-                                  model_versions=model_versions)
+                                  scorer=scorer, config=config,
+                                  now=now, model_versions=model_versions)
     replay_new_items(engine, new_items_log(settings))
     if engine.scoring.scorer is not None:
         engine.scoring.calibrate(warm_up_items(catalog, config.n_candidates))

@@ -39,6 +39,7 @@ class RankerExecutor:
     def __init__(self, workers: int, queue: int) -> None:
         if workers < 1 or queue < 0:
             raise ValueError(f"ranker executor needs workers >= 1 and queue >= 0, got {workers} and {queue}")
+        self.workers = workers
         self.capacity = workers + queue
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ranker")
         self._lock = threading.Lock()
@@ -73,6 +74,20 @@ class RankerExecutor:
         except FutureTimeout:
             future.cancel()
             raise
+
+    def warm_up(self, fn: Callable[[], Any], timeout_s: float = 120.0) -> None:
+        """Run ``fn`` once on EVERY thread, so per-thread state (a TFLite interpreter, TensorFlow's
+        first-call graph building) exists before the first request: sequential calls would all
+        reuse one idle thread and leave the other's first request to time out. A barrier holds
+        each call until all threads have one. Raises what ``fn`` raised."""
+        barrier = threading.Barrier(self.workers, timeout=timeout_s)
+
+        def run() -> Any:
+            barrier.wait()
+            return fn()
+
+        for future in [self.submit(run) for _ in range(self.workers)]:
+            future.result()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -115,11 +130,12 @@ def choose_budget(config: ServingConfig, timings_ms: Sequence[float] | None = No
 
 def measure_scoring(executor: RankerExecutor, score: Callable[[], Any], calls: int) -> list[float]:
     """Milliseconds of ``calls`` timed calls of ``score`` through ``executor`` (what a request
-    waits for), after one untimed call in which TensorFlow builds its graph. A call that raises
-    ends the measurement (logged): what was timed before it is returned, possibly nothing."""
+    waits for), after one untimed call on every ranker thread (:meth:`RankerExecutor.warm_up`). A
+    call that raises ends the measurement (logged): what was timed before it is returned, possibly
+    nothing."""
     timings: list[float] = []
     try:
-        executor.submit(score).result()
+        executor.warm_up(score)
         for _ in range(calls):
             start = time.perf_counter()
             executor.submit(score).result()

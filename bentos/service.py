@@ -4,8 +4,11 @@ Endpoints: POST /recommend, /similar_items, /events (API key), /items (API key);
 /readyz and /metrics come from BentoML (readiness also asks ``__is_ready__`` below).
 
 The FAISS index and the ranker are BentoML models pinned as class attributes, so
-``bentoml build`` packages them; when the model store lacks one, the service starts without it
-(content, trending and popularity only), logs why, and says so in ``model_versions``.
+``bentoml build`` packages them; their folders and ``model_versions`` come from
+:func:`bentos.factory.describe_models`, the derivation that ``recsys precompute`` uses on the same
+store (:func:`bentos.factory.served_models`), so cached and live answers come from the same
+models. When the model store lacks one, the service starts without it (content, trending and
+popularity only), logs why, and says so in ``model_versions``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from annotated_types import Ge, Le
 
 from bentos.auth import ApiKeyMiddleware
 from bentos.cache import AsyncCacheReader
+from bentos.config import service_resources
 from bentos.metrics import count_unknown_context_keys
 from bentos.schemas import (
     Context,
@@ -54,20 +58,25 @@ def _pinned(name: str) -> Any:
     return bentoml.models.BentoModel(f"{name}:latest")
 
 
-@bentoml.service(name="recsys", traffic={"timeout": 10, "max_concurrency": 256}, workers=1)
+def _stored(ref: Any) -> Any:
+    """The stored model behind a pinned reference (None: not pinned). On an instance, BentoML
+    resolves a pinned BentoModel to the stored model itself; a BentoModel still has ``stored``."""
+    return getattr(ref, "stored", ref) if ref is not None else None
+
+
+@bentoml.service(name="recsys", traffic={"timeout": 10, "max_concurrency": 256}, workers=1,
+                  resources=service_resources())
 class Recommender:
     index_model = _pinned(BENTO_INDEX_MODEL)
     ranker_model = _pinned(BENTO_RANKER_MODEL)
 
     def __init__(self) -> None:
-        from bentos.factory import build_engine, new_items_log
+        from bentos.factory import build_engine, describe_models, new_items_log
         from recsys.config import load_settings
 
         self.settings = load_settings()
-        versions: dict[str, str] = {}
-        index_dir = self._model_dir(self.index_model, BENTO_INDEX_MODEL, "index", versions)
-        ranker_dir = self._model_dir(self.ranker_model, BENTO_RANKER_MODEL, "ranker", versions)
-        self.engine = build_engine(self.settings, index_dir, ranker_dir, model_versions=versions)
+        models = describe_models(_stored(self.index_model), _stored(self.ranker_model))
+        self.engine = build_engine(self.settings, models.index_dir, models.ranker_dir, model_versions=models.versions)
         self.cache = AsyncCacheReader(self.engine.cache, self.settings.effective_redis_url)
         self.new_items_path = new_items_log(self.settings)
         self._producer: Any = None
@@ -78,20 +87,6 @@ class Recommender:
         # view so a full collection during a request does not walk them (tail latency).
         gc.collect()
         gc.freeze()
-
-    @staticmethod
-    def _model_dir(ref: Any, name: str, label: str, versions: dict[str, str]) -> Any:
-        # on an instance, BentoML resolves a pinned BentoModel to the stored model itself
-        stored = getattr(ref, "stored", ref) if ref is not None else None
-        if stored is None:
-            log.warning("no %s in the BentoML model store: run `recsys train` (serving without it)", name)
-            versions[label] = "absent"
-            return None
-        versions[label] = str(stored.tag)
-        run_id = stored.info.labels.get("mlflow_run_id")
-        if run_id:
-            versions[f"{label}_mlflow_run"] = run_id
-        return stored.path
 
     def __is_ready__(self) -> bool:
         return len(self.engine.catalog) > 0

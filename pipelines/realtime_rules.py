@@ -8,9 +8,10 @@ The rules:
 - PURCHASE and RATING >= 4 count for ``preferred_categories`` (at most five, by count, then by
   recency); PURCHASE also adds one to ``total_purchases``;
 - every event adds one to ``interaction_count`` and moves ``last_action_ts`` forward;
-- PURCHASE puts the item in ``purchased_items`` (the ``purchased_max`` items with the latest
-  purchases, oldest first; not a Feast feature: the stream writes it to the Redis set
-  :func:`recsys.schema.purchased_key`, which serving reads to never recommend a bought item).
+- PURCHASE and RATING (any value: a rated film was watched) put the item in ``purchased_items``,
+  the items the user already *has* (the ``purchased_max`` with the latest such events, oldest
+  first; not a Feast feature: the stream writes it to the Redis set
+  :func:`recsys.schema.purchased_key`, which serving reads to never recommend an item again).
 
 Events are ordered by ``(event_timestamp, event_id)``, never by arrival. Every field is a function
 of the *set* of applied events (counts are sums, recency is a maximum, ``last_5_items`` is "the five
@@ -52,6 +53,8 @@ MIN_RATING = 4.0  # a rating at or above this is a positive signal, like a view 
 _ITEM_TYPES = frozenset({S.EventType.VIEW.value, S.EventType.CLICK.value})
 _PURCHASE = S.EventType.PURCHASE.value
 _RATING = S.EventType.RATING.value
+#: Events that mean the user has the item (bought it, or rated it: watched, read): never recommended again.
+_CONSUMED = frozenset({_PURCHASE, _RATING})
 _MIN_US = -(2**63)
 
 #: Names of the feature columns, in the offline table's order.
@@ -130,6 +133,7 @@ class UserState:
             self._touch_item(e.item_id, e.ts_us, e.event_id)
         if e.event_type == _PURCHASE:
             self.purchases += 1
+        if e.event_type in _CONSUMED:
             self._touch_bought(e.item_id, e.ts_us, purchased_max)
         if (e.event_type == _PURCHASE or positive_rating) and e.category is not None:
             self._touch_category(e.category, e.ts_us, e.event_id)

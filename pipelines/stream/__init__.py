@@ -14,7 +14,9 @@ One micro-batch (up to ``batch_events`` events or ``batch_ms`` of waiting), in :
    not ``FeatureStore.push``), the new states, the batch's rows appended to the partition's
    *outbox*, the partition's applied-offset watermark, the purchased-item set of every user who
    bought something (``purchased:{user_id}``, a copy of the state's bounded list, which serving
-   filters with), ``recs:{user_id}`` deleted for every user with an event, and the trending counts.
+   filters with), ``recs:{user_id}`` deleted for every user with an event, the trending counts,
+   and the activity set (each user's applied events per event-time hour, :mod:`.activity`, from
+   which the precompute job takes the users active lately).
 
 In the background, every ``offline_flush_s`` or ``offline_batch_rows``, the outboxes are appended
 to the offline store through the same push source (a Spark job, so in large batches, run by a
@@ -40,6 +42,7 @@ Partition ownership makes the consumer the single writer of its users' states (e
 user); a message whose key is not its user_id would break that, so it is dead-lettered.
 """
 
+from pipelines.stream.activity import activity_key, live_activity
 from pipelines.stream.catalogue import ItemCatalogue
 from pipelines.stream.consumer import StreamProcessor
 from pipelines.stream.flush import OfflineFlush, flush_outboxes
@@ -59,7 +62,9 @@ __all__ = [
     "StreamOptions",
     "StreamProcessor",
     "StreamStats",
+    "activity_key",
     "flush_outboxes",
+    "live_activity",
     "retry_io",
     "rows_frame",
     "state_row",

@@ -51,7 +51,8 @@ class StreamProcessor:
         #: set once the group has assigned partitions to this consumer
         self.assigned = threading.Event()
         self.flusher = OfflineFlusher(settings, self.topic, self.options, self.stats, self.metrics)
-        self.folder = BatchFolder(self.options.window, self.options.trending, self.options.purchased_max)
+        self.folder = BatchFolder(self.options.window, self.options.trending, self.options.purchased_max,
+                                  self.options.activity_retention_s)
         self.cache = StateCache(self.options.state_cache_users)
         self._trending_dirty = False
         self._last_publish = 0.0
@@ -156,7 +157,7 @@ class StreamProcessor:
             self.dlq.send(record, reason)
             self.metrics.dead_letters.labels(reason_label(reason)).inc()
         n_rows = self._write(BatchWrite(batch, folded.changed, rows, users, folded.counts,
-                                        purchased=folded.purchased))
+                                        purchased=folded.purchased, activity=folded.activity))
         self.cache.remember(states)
         self._account(records, len(dead), n_rows, time.time())
         self.stats.last_batch_at = time.monotonic()
@@ -170,7 +171,8 @@ class StreamProcessor:
 
         def commit() -> None:
             self._retry("state transaction",
-                        lambda: commit_batch(self.redis, self.state, self.online, write, self.options.trending))
+                        lambda: commit_batch(self.redis, self.state, self.online, write, self.options.trending,
+                                             self.options.activity_retention_s))
             if write.counts:
                 self._trending_dirty = True
 

@@ -1,6 +1,6 @@
 """One micro-batch through the rules: group the decoded events by user, fold them into the users'
-states (:class:`BatchFolder`), and turn the changed states into user_realtime rows per partition
-and purchased-item sets."""
+states (:class:`BatchFolder`), and turn the changed states into user_realtime rows per partition,
+purchased-item sets and the activity counts per user and hour."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines import trending
 from pipelines.realtime_rules import PURCHASED_MAX, DedupeWindow, Event, Outcome, UserState
+from pipelines.stream.activity import ACTIVITY_RETENTION_S, ActivityCounts, count_event, drop_expired
 from pipelines.stream.catalogue import ItemCatalogue
 from pipelines.stream.online_writer import Row, state_row
 
@@ -25,8 +26,9 @@ TrendingCounts = dict[tuple[int, int | None], Counter[int]]
 @dataclass
 class FoldedBatch:
     """What folding a batch changed: the users' new states, trending counts, the positions (in
-    the decoded batch) of the events too late for the dedupe window, and the purchased items of
-    every user with an applied PURCHASE (the whole bounded list, which replaces the stored set)."""
+    the decoded batch) of the events too late for the dedupe window, the purchased items of
+    every user with an applied PURCHASE (the whole bounded list, which replaces the stored set),
+    and the applied events per event-time hour and user (the activity set)."""
 
     changed: dict[int, UserState]
     counts: TrendingCounts
@@ -34,6 +36,7 @@ class FoldedBatch:
     applied: int
     duplicates: int
     purchased: dict[int, list[int]] = field(default_factory=dict)
+    activity: ActivityCounts = field(default_factory=dict)
 
 
 def group_by_user(records: list[ConsumerRecord], decoded: Any, index: list[int]
@@ -62,10 +65,11 @@ class BatchFolder:
     watermark (the newest applied event), which bounds the trending minutes still counted."""
 
     def __init__(self, window: DedupeWindow, trending_config: trending.TrendingConfig,
-                 purchased_max: int = PURCHASED_MAX) -> None:
+                 purchased_max: int = PURCHASED_MAX, activity_retention_s: int = ACTIVITY_RETENTION_S) -> None:
         self.window = window
         self.trending = trending_config
         self.purchased_max = purchased_max
+        self.activity_retention_s = activity_retention_s
         self.watermark_us: int | None = None
 
     def fold(self, decoded: Any, groups: dict[int, list[int]], states: dict[int, UserState],
@@ -77,6 +81,7 @@ class BatchFolder:
         ids, types = decoded.event_id, decoded.event_type
         changed: dict[int, UserState] = {}
         counts: TrendingCounts = {}
+        activity: ActivityCounts = {}
         late: list[int] = []
         bought: list[int] = []
         duplicates = applied = 0
@@ -92,6 +97,7 @@ class BatchFolder:
                 outcome = state.apply(event, window, purchased_max)
                 if outcome is Outcome.APPLIED:
                     applied += 1
+                    count_event(activity, user, event.ts_us)
                     if watermark is None or event.ts_us > watermark:
                         watermark = event.ts_us
                     if event.event_type in _TRENDING:
@@ -110,7 +116,8 @@ class BatchFolder:
             first = self.trending.minutes(watermark).start
             counts = {k: v for k, v in counts.items() if k[0] >= first}
         purchased = {user: states[user].purchased_items for user in bought}
-        return FoldedBatch(changed, counts, late, applied, duplicates, purchased)
+        activity = drop_expired(activity, watermark, self.activity_retention_s)
+        return FoldedBatch(changed, counts, late, applied, duplicates, purchased, activity)
 
 
 def _count_trending(counts: TrendingCounts, event: Event) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipelines import trending
+from pipelines.stream.activity import ACTIVITY_RETENTION_S, HOUR_S
 from pipelines.realtime_rules import PURCHASED_MAX, DedupeWindow
 from recsys.config import Settings
 
@@ -39,11 +40,17 @@ class StreamOptions:
     heartbeat_interval_ms: int = 1_000
     #: Purchased items kept per user (the latest purchases): the Redis set serving filters with.
     purchased_max: int = PURCHASED_MAX
+    #: How long the activity set keeps each hour (:mod:`.activity`): the longest window that
+    #: ``recsys precompute --hours`` can take live users from.
+    activity_retention_s: int = ACTIVITY_RETENTION_S
 
     def __post_init__(self) -> None:
         if self.purchased_max < 1:
             raise ValueError(f"purchased_max {self.purchased_max} must be at least 1 "
                              "(set stream_purchased_max to the purchases to keep per user)")
+        if self.activity_retention_s < HOUR_S:
+            raise ValueError(f"activity_retention_s {self.activity_retention_s} must be at least {HOUR_S} "
+                             "(one hour: the activity set counts by the hour)")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> StreamOptions:

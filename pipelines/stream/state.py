@@ -22,6 +22,7 @@ class StateStore:
 
     def __init__(self, client: redis.Redis, project: str, topic: str, topic_id: str = "") -> None:
         self.client = client
+        self.project = project
         self.prefix = f"rt:{project}"
         self.topic = topic
         # offsets restart at 0 when a topic is recreated (the local broker keeps topics in

@@ -9,6 +9,7 @@ import redis
 
 from pipelines import trending
 from pipelines.realtime_rules import UserState
+from pipelines.stream.activity import ACTIVITY_RETENTION_S, ActivityCounts, queue_activity
 from pipelines.stream.fold import TrendingCounts
 from pipelines.stream.online_writer import OnlineRowWriter, Row
 from pipelines.stream.state import StateStore
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
 class BatchWrite:
     """What one batch writes: the messages it covers (per partition), the users' new states and rows,
     the users whose cached recommendations are now stale, the trending increments, and the online
-    rows to write in the transaction (``None`` when Feast writes them itself), and the purchased
-    items of the users who bought something (each list replaces the user's set)."""
+    rows to write in the transaction (``None`` when Feast writes them itself), the purchased
+    items of the users who bought something (each list replaces the user's set), and the applied
+    events per hour and user (added to the activity set)."""
 
     batch: dict[Any, list[ConsumerRecord]]
     changed: dict[int, UserState]
@@ -32,14 +34,16 @@ class BatchWrite:
     counts: TrendingCounts
     online: list[tuple[bytes, list[bytes]]] | None = None
     purchased: dict[int, list[int]] = field(default_factory=dict)
+    activity: ActivityCounts = field(default_factory=dict)
 
 
 def commit_batch(client: redis.Redis, state: StateStore, online: OnlineRowWriter, write: BatchWrite,
-                 trending_config: trending.TrendingConfig) -> None:
+                 trending_config: trending.TrendingConfig, activity_retention_s: int = ACTIVITY_RETENTION_S) -> None:
     """In one Redis transaction: the online rows, the new states, each partition's outbox entry and
     applied offset, the purchased-item sets of the users who bought something, ``recs:{user_id}``
-    deleted for every user with an event, and the trending counts. So the online store, the states,
-    the purchased sets and the outbox never disagree, whatever crashes when."""
+    deleted for every user with an event, the trending counts and the activity counts. So the
+    online store, the states, the purchased sets, the activity set and the outbox never disagree,
+    whatever crashes when."""
     pipe = client.pipeline(transaction=True)
     if write.online:
         online.queue(pipe, write.online)
@@ -61,4 +65,5 @@ def commit_batch(client: redis.Redis, state: StateStore, online: OnlineRowWriter
     if write.users:
         pipe.delete(*[recs_cache_key(u) for u in write.users])
     trending.queue_increments(pipe, write.counts, trending_config)
+    queue_activity(pipe, state.project, write.activity, activity_retention_s)
     pipe.execute()

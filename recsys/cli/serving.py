@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from recsys.cli.common import CliError, reference_time_of, settings_of
+from recsys.cli.models import BentomlHome
+
 
 def serve(
     ctx: typer.Context,
@@ -26,21 +28,28 @@ def precompute_cmd(
     ctx: typer.Context,
     tier: Annotated[str, typer.Option(help="all: every user active in the window; hot: the most active 10%.")] = "all",
     hours: Annotated[int, typer.Option(min=1, help="Activity window, ending at the reference time.")] = 24,
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, help="Threads computing batches at once (default: two per core, at most 8).")] = None,
+    bentoml_home: BentomlHome = None,
 ) -> None:
-    """Active users of the last 24 h -> recommendations -> the Redis cache (hot users kept longer)."""
-    from bentos.factory import build_engine
-    from bentos.precompute import PrecomputeConfig, active_users, precompute
-    from models.retrieval import index_path
+    """Active users of the last 24 h (offline log and stream) -> the service's answers -> the Redis cache."""
+    from bentos.precompute import PrecomputeConfig, active_users, default_workers, precompute, precompute_engine
 
     if tier not in ("all", "hot"):
         raise CliError(f"--tier {tier!r}: choose all or hot")
     settings = settings_of(ctx)
     now = reference_time_of(ctx)
-    engine = build_engine(settings, index_path(settings))
+    config = PrecomputeConfig(window_hours=hours, workers=workers or default_workers())
+    engine = precompute_engine(settings, config, bentoml_home)
     try:
         users = active_users(settings, now, hours)
-        stats = precompute(engine, users, PrecomputeConfig(window_hours=hours), tier=tier)  # type: ignore[arg-type]
+        stats = precompute(engine, users, config, tier=tier)  # type: ignore[arg-type]
     finally:
         engine.close()
-    typer.echo(f"{stats.active_users:,} active users, {stats.hot_users:,} hot; cached {stats.written:,}, "
-               f"skipped {stats.degraded:,} degraded answers")
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(engine.model_versions.items()))
+    typer.echo(f"{stats.active_users:,} users active in the {hours} h before {now.isoformat()}, "
+               f"{stats.hot_users:,} hot; models: {versions}")
+    reasons = ", ".join(f"{n:,} {why}" for why, n in sorted(stats.reasons.items())) or "none"
+    typer.echo(f"cached {stats.written:,} answers ({tier}), skipped {stats.degraded:,} degraded ({reasons}), "
+               f"{stats.failed:,} not written; {stats.workers} workers, {stats.seconds:.1f} s, "
+               f"{stats.users_per_s:,.1f} users/s")

@@ -80,6 +80,39 @@ def test_ranker_executor_is_bounded_and_cancels_abandoned_calls() -> None:
         executor.shutdown()
 
 
+def test_warm_up_runs_once_on_every_ranker_thread() -> None:
+    """Per-thread state (a TFLite interpreter) must exist on each thread before the first request:
+    3 workers -> 3 calls on 3 distinct threads, all named by the executor's prefix."""
+    executor = RankerExecutor(workers=3, queue=0)
+    threads: list[str] = []
+    lock = threading.Lock()
+
+    def record() -> None:
+        with lock:
+            threads.append(threading.current_thread().name)
+
+    try:
+        executor.warm_up(record)
+        assert len(threads) == 3 and len(set(threads)) == 3
+        assert all(name.startswith("ranker") for name in threads)
+        assert executor.in_flight == 0
+    finally:
+        executor.shutdown()
+
+
+def test_warm_up_raises_what_the_scorer_raised() -> None:
+    executor = RankerExecutor(workers=2, queue=0)
+
+    def broken() -> None:
+        raise ValueError("signature mismatch")
+
+    try:
+        with pytest.raises(ValueError, match="signature mismatch"):
+            executor.warm_up(broken)
+    finally:
+        executor.shutdown()
+
+
 def test_ranker_executor_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="workers >= 1 and queue >= 0, got 0 and 1"):
         RankerExecutor(workers=0, queue=1)

@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pytest
 from kafka import KafkaConsumer
@@ -30,66 +24,8 @@ from recsys.config import Settings
 from tests.support.settings import REPO, isolated_settings
 from tests.support.feature_workspace import N_ITEMS, N_USERS, vector
 from tests.support.metrics import sample_value
-
-API_KEY = "test-key-123"
-
-
-class Server:
-    def __init__(self, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.port, self.proc, self.log = port, proc, log
-
-    def call(self, path: str, body: Any = None, key: str | None = None, raw: bytes | None = None,
-             method: str = "POST") -> tuple[int, dict[str, str], Any]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
-                                     headers={"content-type": "application/json", **({"x-api-key": key} if key else {})})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                payload = resp.read()
-                status, headers = resp.status, dict(resp.headers)
-        except urllib.error.HTTPError as err:
-            payload, status, headers = err.read(), err.code, dict(err.headers)
-        try:
-            return status, headers, json.loads(payload)
-        except ValueError:
-            return status, headers, payload.decode()
-
-
-def _env(settings: Settings, bentoml_home: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "RECSYS_HOME": str(settings.home), "RECSYS_DATA_DIR": str(settings.data_path),
-            "RECSYS_DATASET": settings.dataset, "RECSYS_FEAST_PROJECT": settings.feast_project,
-            "REDIS_URL": settings.effective_redis_url, "KAFKA_BOOTSTRAP_SERVERS": settings.effective_kafka_bootstrap,
-            "RECSYS_API_KEY": API_KEY, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True", **extra}
-
-
-@contextmanager
-def serve(env: dict[str, str], log: Path) -> Iterator[Server]:
-    port = free_port()
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "bentos.service:Recommender",
-                                 "--port", str(port), "--host", "127.0.0.1"],
-                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(port, proc, log)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if proc.poll() is not None or "Application startup failed" in log.read_text(errors="replace"):
-                raise RuntimeError(f"bentoml serve failed to start: {log.read_text()[-3000:]}")
-            try:
-                if server.call("/readyz", method="GET")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"bentoml serve not ready in 180 s: {log.read_text()[-3000:]}")
-        yield server
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+from tests.support.service_process import API_KEY, Server, serve
+from tests.support.service_process import service_env as _env
 
 
 @pytest.fixture(scope="module")
@@ -322,3 +258,23 @@ def test_bentoml_build_packages_the_pinned_models(bentoml_home: Path) -> None:
     info = json.loads(shown.stdout)
     tags = [m["tag"] for svc in info["services"] for m in svc["models"]]
     assert any(t.startswith("item_index:") for t in tags), info
+
+
+@pytest.mark.parametrize(("gpus", "declared"), [("0", {}), ("1", {"gpu": 1.0}), ("0.5", {"gpu": 0.5})])
+def test_the_service_declares_a_gpu_only_when_configured(gpus: str, declared: dict) -> None:
+    """RECSYS_SERVICE_GPUS becomes the service's BentoML ``resources`` (what BentoML's allocator
+    turns into CUDA_VISIBLE_DEVICES per worker, and what a containerised deployment reads)."""
+    probe = "import bentos.service as s; print(s.Recommender.config.get('resources'))"
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "RECSYS_SERVICE_GPUS": gpus})
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    # no GPU: no gpu key, so BentoML never sets CUDA_VISIBLE_DEVICES
+    assert shown.stdout.strip().splitlines()[-1] == str(declared)
+
+
+def test_the_bento_image_carries_the_cuda_runtime() -> None:
+    """`bentoml containerize` builds on nvidia/cuda 12.x with cuDNN (TensorFlow 2.21's GPU kernels)."""
+    import yaml
+
+    docker = yaml.safe_load((REPO / "bentofile.yaml").read_text())["docker"]
+    assert docker["cuda_version"] == "12.6" and docker["distro"] == "debian"

@@ -13,6 +13,7 @@ import json
 import signal
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -27,7 +28,8 @@ from pipelines import trending
 from pipelines.events import event_to_message
 from pipelines.realtime_rules import FEATURES, UserState, to_us
 from pipelines.stack import free_port
-from pipelines.stream import OnlineRowWriter, StateStore, state_row
+from pipelines.stream import OnlineRowWriter, StateStore, activity_key, live_activity, state_row
+from pipelines.stream.activity import ACTIVITY_RETENTION_S, hour_of
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
@@ -110,6 +112,27 @@ def test_replaying_the_same_events_changes_nothing(streamed: tuple[Settings, Any
     assert (stats.events, stats.applied, stats.duplicates, stats.rows_online) == (607, 0, 607, 0)
     assert online(settings, users) == before == reference(settings, CANONICAL_EVENTS)
     assert purchased_sets(settings, users) == reference_purchased(CANONICAL_EVENTS)
+    # the activity set counted nothing twice (users 1..4: 150 events each, user 9: 7)
+    assert live_activity(redis.Redis.from_url(settings.effective_redis_url), settings.feast_project, END,
+                         24).to_dict() == {1: 150, 2: 150, 3: 150, 4: 150, HAND_USER: 7}
+
+
+def test_the_activity_set_counts_each_users_events_by_the_hour(streamed: tuple[Settings, Any]) -> None:
+    """What precompute reads as the stream's active users. Users 1..4 sent 150 events each in the
+    two hours before END (12:00, so from 10:00 on), user 9 its 7 hand events at 11:30."""
+    settings, _ = streamed
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    project = settings.feast_project
+    assert live_activity(client, project, END, 24).sort_index().to_dict() == {1: 150, 2: 150, 3: 150, 4: 150,
+                                                                              HAND_USER: 7}
+    # one hour ending at 12:00 reads the hours 11:00-12:00 and 12:00-13:00 (empty): events from 11:00 on
+    last_hour = Counter(e[S.COL_USER] for e in CANONICAL_EVENTS if e[S.COL_TS] >= END - timedelta(hours=1))
+    assert live_activity(client, project, END, 1).to_dict() == dict(last_hour) and last_hour[HAND_USER] == 7
+    # a window ending at 09:59 reads the hours 08:00 and 09:00: nobody
+    assert live_activity(client, project, END - timedelta(hours=2, minutes=1), 1).empty
+    # each hour expires a retention (48 h) plus an hour after its last write
+    key = activity_key(project, hour_of(to_us(END - timedelta(minutes=30))))
+    assert 0 < client.ttl(key) <= ACTIVITY_RETENTION_S + 3_600
 
 
 def test_stream_keeps_trending_current(streamed: tuple[Settings, Any]) -> None:

@@ -25,11 +25,13 @@ def fold(events: list[Event], purchased_max: int = 100) -> UserState:
     return state
 
 
-def test_only_purchases_count_oldest_first() -> None:
-    # PURCHASE 3 (t1), VIEW 5 (t2), ADD_TO_CART 6, RATING 8 = 5, PURCHASE 7 (t5) -> [3, 7]
+def test_only_purchases_and_ratings_count_oldest_first() -> None:
+    # PURCHASE 3 (t1), VIEW 5 (t2), ADD_TO_CART 6, RATING 8 = 5 (t4), PURCHASE 7 (t5), RATING 9 = 1
+    # (t6: a low rating still means the film was watched) -> [3, 8, 7, 9]; one purchase counter per PURCHASE
     state = fold([ev("a", 1, "PURCHASE", 3), ev("b", 2, "VIEW", 5), ev("c", 3, "ADD_TO_CART", 6),
-                  ev("d", 4, "RATING", 8, 5.0), ev("e", 5, "PURCHASE", 7)])
-    assert state.purchased_items == [3, 7]
+                  ev("d", 4, "RATING", 8, 5.0), ev("e", 5, "PURCHASE", 7), ev("f", 6, "RATING", 9, 1.0)])
+    assert state.purchased_items == [3, 8, 7, 9]
+    assert state.purchases == 2
 
 
 def test_the_bound_drops_the_oldest_purchase() -> None:
