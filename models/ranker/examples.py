@@ -109,32 +109,118 @@ def sample_label_users(positives: pd.DataFrame, max_users: int | None,
 
 def sample_examples(candidates: dict[int, Candidates], positives: pd.DataFrame, seen: dict[int, set[int]],
                     label_time: pd.Series, catalogue: np.ndarray, cfg: ExampleConfig) -> pd.DataFrame:
-    """(user_id, item_id, event_timestamp, label) rows; ``event_timestamp`` = the user's label
-    time minus one microsecond, so no feature stamped at a label event can join."""
+    """(user_id, item_id, event_timestamp, label, retrieved) rows; ``event_timestamp`` = the
+    user's label time minus one microsecond, so no feature stamped at a label event can join.
+
+    Per label user (ascending ids), among users with a positive: the positives (ascending; only
+    the retrieved ones unless ``cfg.missed_positives``; a user left with none is skipped), then
+    the hard negatives in candidate order (``cfg.n_hard`` of them drawn when there are more), then
+    ``cfg.n_random`` catalogue items (fewer when fewer are left) drawn from the catalogue, in its
+    order, without the user's positives, hard negatives and ``seen`` items. The draws come from
+    one seeded generator, user by user (hard, then random), so the same inputs give the same rows.
+
+    Everything but the draws is computed for all users at once on (user, item) keys; a random
+    item is drawn as a position among the catalogue positions the user has not taken
+    (:func:`_nth_not_excluded`), never by scanning the catalogue per user."""
     rng = np.random.default_rng(cfg.seed)
-    pos_by_user = positives.groupby(S.COL_USER)[S.COL_ITEM].apply(lambda s: set(s.astype(int))).to_dict()
-    users, items, labels, found = [], [], [], []
-    for user, pos in pos_by_user.items():
-        user = int(user)
-        retrieved = {int(i) for i in (candidates[user].item_ids if user in candidates else [])}
-        pos = pos if cfg.missed_positives else pos & retrieved
-        if not pos:
-            continue
-        hard = [int(i) for i in (candidates[user].item_ids if user in candidates else []) if int(i) not in pos]
-        if len(hard) > cfg.n_hard:
-            hard = rng.choice(hard, cfg.n_hard, replace=False).tolist()
-        taken = pos | set(hard) | seen.get(user, set())
-        pool = catalogue[~np.isin(catalogue, list(taken))]
-        rand = rng.choice(pool, min(cfg.n_random, len(pool)), replace=False).tolist() if len(pool) else []
-        chosen = sorted(pos) + hard + [int(i) for i in rand]
-        users += [user] * len(chosen)
-        items += chosen
-        labels += [1.0] * len(pos) + [0.0] * (len(chosen) - len(pos))
-        found += [i in retrieved for i in chosen]
-    frame = pd.DataFrame({S.COL_USER: np.asarray(users, np.int64), S.COL_ITEM: np.asarray(items, np.int64),
-                          COL_LABEL: np.asarray(labels, np.float32), COL_RETRIEVED: np.asarray(found, bool)})
+    pos = _distinct_pairs(positives)
+    users = np.unique(pos[:, 0])
+    lists = [np.asarray(candidates[int(u)].item_ids, np.int64) if int(u) in candidates else _EMPTY for u in users]
+    cand_user = np.repeat(np.arange(len(users)), [len(c) for c in lists])
+    cand_item = np.concatenate(lists or [_EMPTY])
+    pos_user = np.searchsorted(users, pos[:, 0])
+    catalogue = np.asarray(catalogue, np.int64)
+    codes = _sorted_distinct(np.concatenate([cand_item, pos[:, 1], catalogue]))  # (user, item) key: user * M + code
+    cand_key = cand_user * len(codes) + np.searchsorted(codes, cand_item)
+    pos_key = pos_user * len(codes) + np.searchsorted(codes, pos[:, 1])
+    cand_keys = _sorted_distinct(cand_key)
+    kept = np.ones(len(pos), bool) if cfg.missed_positives else _member(pos_key, cand_keys)
+    has_pos = np.zeros(len(users), bool)
+    has_pos[pos_user[kept]] = True
+    is_hard = has_pos[cand_user] & ~_member(cand_key, pos_key[kept])  # sorted and distinct, as pos is
+    hard_user, hard_item = cand_user[is_hard], cand_item[is_hard]
+    hard_at = np.searchsorted(hard_user, np.arange(len(users) + 1))
+    kept_at = np.searchsorted(pos_user[kept], np.arange(len(users) + 1))
+    drawn = np.diff(hard_at) > cfg.n_hard  # these users' hard negatives are drawn in the loop
+    order = np.argsort(catalogue, kind="stable")
+    by_value = catalogue[order]
+    seen_user, seen_item = _seen_pairs(seen, users, has_pos)
+    taken_user = np.concatenate([pos_user[kept], seen_user, hard_user[~drawn[hard_user]]])
+    row, position = _catalogue_positions(by_value, order, np.concatenate([pos[kept, 1], seen_item,
+                                                                            hard_item[~drawn[hard_user]]]))
+    taken = _sorted_distinct(taken_user[row] * len(catalogue) + position)  # ascending: user, then position
+    taken_at = np.searchsorted(taken // max(len(catalogue), 1), np.arange(len(users) + 1))
+    kept_item = pos[kept, 1]
+    parts: list[np.ndarray] = []
+    counts: list[int] = []
+    for u in np.flatnonzero(has_pos):
+        excluded = taken[taken_at[u]:taken_at[u + 1]] - u * len(catalogue)
+        hard = hard_item[hard_at[u]:hard_at[u + 1]]
+        if drawn[u]:
+            hard = rng.choice(hard, cfg.n_hard, replace=False)
+            excluded = np.union1d(excluded, _catalogue_positions(by_value, order, hard)[1])
+        left = len(catalogue) - len(excluded)
+        # n of ``left`` positions: the same draw as n items of the pool array itself
+        rand = catalogue[_nth_not_excluded(excluded, rng.choice(left, min(cfg.n_random, left), replace=False))] \
+            if left else _EMPTY
+        mine = kept_item[kept_at[u]:kept_at[u + 1]]
+        parts += [mine, hard, rand]
+        counts.append(len(mine) + len(hard) + len(rand))
+    row_user = np.repeat(np.flatnonzero(has_pos), counts)
+    items = np.concatenate(parts or [_EMPTY]).astype(np.int64)
+    first = np.repeat(np.cumsum(counts) - np.asarray(counts, np.int64), counts)
+    frame = pd.DataFrame({
+        S.COL_USER: users[row_user].astype(np.int64), S.COL_ITEM: items,
+        COL_LABEL: ((np.arange(len(items)) - first) < np.diff(kept_at)[row_user]).astype(np.float32),
+        COL_RETRIEVED: _member(row_user * len(codes) + np.searchsorted(codes, items), cand_keys)})
     frame[S.COL_TS] = frame[S.COL_USER].map(label_time) - ONE_US
     return frame
+
+
+_EMPTY = np.empty(0, np.int64)
+
+
+def _sorted_distinct(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` by one sort (numpy's hash-based unique is slower on these int64 keys)."""
+    out = np.sort(values)
+    return out[np.r_[True, out[1:] != out[:-1]]] if len(out) else out
+
+
+def _member(values: np.ndarray, sorted_distinct: np.ndarray) -> np.ndarray:
+    """``np.isin(values, sorted_distinct)`` for a sorted, distinct reference (one binary search)."""
+    at = np.minimum(np.searchsorted(sorted_distinct, values), max(len(sorted_distinct) - 1, 0))
+    return sorted_distinct[at] == values if len(sorted_distinct) else np.zeros(len(values), bool)
+
+
+def _distinct_pairs(positives: pd.DataFrame) -> np.ndarray:
+    """(n, 2) int64 distinct (user_id, item_id) of ``positives``, sorted by user then item."""
+    pairs = np.stack([positives[S.COL_USER].to_numpy(np.int64), positives[S.COL_ITEM].to_numpy(np.int64)], axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
+
+
+def _seen_pairs(seen: dict[int, set[int]], users: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(user index, item) of the ``seen`` items of ``users[wanted]``."""
+    index = np.flatnonzero(wanted)
+    items = [np.fromiter(seen.get(int(users[u]), ()), np.int64) for u in index]
+    return np.repeat(index, [len(i) for i in items]), np.concatenate(items or [_EMPTY])
+
+
+def _catalogue_positions(by_value: np.ndarray, order: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row of ``items``, catalogue position) for every catalogue position holding one of ``items``
+    (every position of a repeated id; an id not in the catalogue has none), in ``items`` order.
+    ``by_value`` = the catalogue sorted, ``order`` = the stable argsort that sorts it."""
+    lo, hi = np.searchsorted(by_value, items, "left"), np.searchsorted(by_value, items, "right")
+    counts = hi - lo
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(np.arange(len(items)), counts), order[np.repeat(lo, counts) + offsets]
+
+
+def _nth_not_excluded(excluded: np.ndarray, nth: np.ndarray) -> np.ndarray:
+    """Positions of the ``nth`` (0-based) positions that are not in ``excluded`` (sorted,
+    distinct): position p is the n-th kept one where n = p - (excluded positions below p), and
+    ``excluded[j] - j`` counts the kept positions below ``excluded[j]``. Example: excluded
+    [1, 2, 5] of 7 keeps [0, 3, 4, 6], so nth [3, 0] -> [6, 0]."""
+    return nth + np.searchsorted(excluded - np.arange(len(excluded)), nth, side="right")
 
 
 def candidate_rows(candidates: dict[int, Candidates], when: pd.Series) -> pd.DataFrame:

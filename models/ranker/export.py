@@ -1,12 +1,14 @@
 """The ranker's SavedModel on disk: its layout (:data:`SAVED_MODEL_DIR`, :data:`META_FILE`,
-:data:`ITEM_STATS_FILE`) and :func:`export_ranker`, whose ``serve`` endpoint scores ONE user
+:data:`ITEM_STATS_FILE`, the reduced-precision variant :data:`QUANTIZED_FILE` and the comparison
+:data:`QUANTIZATION_FILE`) and :func:`export_ranker`, whose ``serve`` endpoint scores ONE user
 against N candidates in one call: it takes the user's tensors once, the candidates' as a batch,
 and computes the list features and the ALS blend over that batch. TensorFlow is imported inside
-the function: importing this module is cheap."""
+the functions: importing this module is cheap."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -23,14 +25,23 @@ SAVED_MODEL_DIR = "saved_model"
 META_FILE = "ranker.json"
 ITEM_STATS_FILE = "item_stats.parquet"  # ITEM_STATS per item as of the training cutoff, for serving
 SERVE_ENDPOINT = "serve"
+#: the same ``serve`` signature as TensorFlow Lite with dynamic-range int8 weights
+#: (:func:`write_quantized`); absent when the conversion failed
+QUANTIZED_FILE = "ranker_int8.tflite"
+#: full precision against :data:`QUANTIZED_FILE` on the same lists (models.ranker.quantize):
+#: what ``load_scorer`` reads to choose the variant it serves
+QUANTIZATION_FILE = "quantization.json"
+
+log = logging.getLogger(__name__)
 
 
 def export_ranker(result: FitResult, folder: Path, metadata: Mapping[str, Any] | None = None,
                   item_stats: pd.DataFrame | None = None) -> Path:
     """Write ``folder/saved_model`` (endpoint ``serve``: one user against N candidates),
-    ``folder/ranker.json`` (the encoder, config and ``metadata``) and, when given,
-    ``folder/item_stats.parquet`` (:data:`ITEM_STATS` by item id, which the service has no other
-    source for). Replaces ``folder`` whole."""
+    ``folder/ranker.json`` (the encoder, config and ``metadata``), ``folder/ranker_int8.tflite``
+    (:func:`write_quantized`; the service serves it only once models.ranker.quantize has shown
+    it as good and faster) and, when given, ``folder/item_stats.parquet`` (:data:`ITEM_STATS` by
+    item id, which the service has no other source for). Replaces ``folder`` whole."""
     import keras
     import tensorflow as tf
 
@@ -60,6 +71,7 @@ def export_ranker(result: FitResult, folder: Path, metadata: Mapping[str, Any] |
             tf.TensorSpec([None, enc.rank], tf.float32, name="item_embedding"),
         ])
         archive.write_out(str(tmp / SAVED_MODEL_DIR), verbose=False)
+        write_quantized(tmp / SAVED_MODEL_DIR, tmp / QUANTIZED_FILE)
         meta = {"encoder": asdict(enc), "config": asdict(result.config), "device": result.device,
                 "rows": result.rows, "positives": result.positives, "history": result.history,
                 "blend": result.blend, "validation": result.validation,
@@ -69,3 +81,22 @@ def export_ranker(result: FitResult, folder: Path, metadata: Mapping[str, Any] |
             item_stats[[name for name, _ in ITEM_STATS]].to_parquet(tmp / ITEM_STATS_FILE)
 
     return replace_dir(Path(folder), write)
+
+
+def write_quantized(saved_model: Path, out: Path) -> Path | None:
+    """Convert ``saved_model``'s ``serve`` signature to TensorFlow Lite with dynamic-range
+    quantisation (int8 weights, float32 activations, computed on int8 kernels where the weight
+    tensor is large enough for the converter to quantise it) and write it to ``out``. Returns
+    ``out``, or None when the conversion fails (logged): the full-precision model is then the only
+    one, which the service serves. Dynamic range was chosen over float16 weights because float16
+    weights are dequantised to float32 on CPU (smaller file, no faster)."""
+    import tensorflow as tf
+
+    try:
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[SERVE_ENDPOINT])
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        out.write_bytes(converter.convert())
+    except Exception:  # noqa: BLE001 - a variant that does not convert is skipped, never fatal to the export
+        log.warning("the ranker's int8 TFLite variant did not convert: serving full precision only", exc_info=True)
+        return None
+    return out

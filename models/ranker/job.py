@@ -15,8 +15,9 @@ import numpy as np
 from models.als import ALSConfig
 from models.names import BENTO_RANKER_MODEL, RANKER_MODEL_NAME, TRAINING_EXPERIMENT
 from models.ranker.config import RankerConfig
-from models.ranker.examples import ExampleConfig, item_stats
+from models.ranker.examples import COL_LABEL, ExampleConfig, item_stats
 from models.ranker.export import META_FILE, export_ranker
+from models.ranker.quantize import compare_precisions
 from models.ranker.training import RankerTraining, train_ranker_on
 from pipelines.cleaning import CleaningConfig
 from recsys import schema as S
@@ -40,6 +41,23 @@ class RankerTrainResult:
     bento_tag: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     registered: dict[str, str] = field(default_factory=dict)  # MLflow registered name -> version
+    examples: ExampleConfig = field(default_factory=ExampleConfig)  # how labels became examples
+
+
+def describe_configuration(result: RankerTrainResult) -> str:
+    """What a training used, in numbers (label users kept of those with a positive, epochs,
+    folds, negatives), and how that differs from ``recsys train ranker``'s defaults."""
+    fit, ex = result.training.fit.config, result.examples
+    users = ", ".join(f"{kept:,} of {available:,}" for kept, available in result.training.label_users) or "no"
+    used = (f"{users} label users (cap {ex.max_users:,})" if ex.max_users else f"{users} label users (no cap)")
+    used += (f", {fit.epochs} epochs, {fit.cv_folds} cv fold{'s' if fit.cv_folds > 1 else ''}, "
+             f"{ex.n_hard} hard + {ex.n_random} random negatives per user")
+    defaults = {"epochs": (fit.epochs, RankerConfig().epochs), "cv folds": (fit.cv_folds, RankerConfig().cv_folds),
+                "max users": (ex.max_users, ExampleConfig().max_users), "n_hard": (ex.n_hard, ExampleConfig().n_hard),
+                "n_random": (ex.n_random, ExampleConfig().n_random), "windows": (ex.windows, ExampleConfig().windows)}
+    changed = [f"{name} {value} (default {default})" for name, (value, default) in defaults.items() if value != default]
+    return used + ("; differs from `recsys train ranker`'s defaults: " + ", ".join(changed) if changed
+                   else "; `recsys train ranker`'s defaults")
 
 
 def train_ranker(settings: Settings, config: RankerConfig | None = None, examples: ExampleConfig | None = None,
@@ -65,8 +83,11 @@ def train_ranker(settings: Settings, config: RankerConfig | None = None, example
     # serving scores with the production ALS, fitted on all events to the cutoff: the item
     # statistics that go with it are those of the same events (as evaluation does for test rows)
     path = export_ranker(training.fit, out or ranker_path(settings), metadata, item_stats=item_stats(events))
+    # full precision against int8 on the training lists, side by side: quantization.json beside the export
+    compare_precisions(path, training.examples, training.examples[COL_LABEL].to_numpy())
     result = RankerTrainResult(training, path, cutoff, seconds={**training.seconds,
-                                                               "ranker_s": round(time.perf_counter() - started, 2)})
+                                                               "ranker_s": round(time.perf_counter() - started, 2)},
+                               examples=examples or ExampleConfig())
     if track:
         _track_ranker(settings, result, als or ALSConfig(), examples or ExampleConfig(), bentoml_home)
     return result

@@ -1,10 +1,15 @@
 """The exported ranker as the service's ``Scorer`` (:class:`RankerScorer`, loaded by
 :func:`load_scorer`): the same :class:`~models.ranker.features.FeatureEncoder` as training turns
-one user's features and N candidates' into the SavedModel's tensors."""
+one user's features and N candidates' into the ``serve`` signature's tensors, run by the
+SavedModel (full precision) or by the int8 TensorFlow Lite variant (models.ranker.precision
+says which is served)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.ranker.export import ITEM_STATS_FILE, META_FILE, SAVED_MODEL_DIR, SERVE_ENDPOINT
+from models.ranker.export import ITEM_STATS_FILE, META_FILE, QUANTIZED_FILE, SAVED_MODEL_DIR, SERVE_ENDPOINT
 from models.ranker.features import (
     ITEM_EMBEDDING,
     ITEM_STATS,
@@ -23,24 +28,36 @@ from models.ranker.features import (
     FeatureEncoder,
     column_of,
 )
+from models.ranker.precision import Variant, choose_variant
 from recsys import schema as S
 from recsys.arrays import positions
+
+log = logging.getLogger(__name__)
 
 
 class RankerScorer:
     """The exported ranker as the service's ``Scorer`` (bentos.engine): logits for one user
-    (``user``: feature name -> value) against N candidates (``items``: feature name -> N values)."""
+    (``user``: feature name -> value) against N candidates (``items``: feature name -> N values).
+    ``variant``: ``full`` (the SavedModel) or ``quantized`` (the int8 TFLite file); ``version`` is
+    the export's (the MLflow run id once tracked), the same for both variants, which the service
+    reports beside it (``model_versions["ranker_variant"]``, bentos.factory)."""
 
-    def __init__(self, folder: Path) -> None:
-        import tensorflow as tf
-
+    def __init__(self, folder: Path, variant: Variant = "full") -> None:
         folder = Path(folder)
         meta = json.loads((folder / META_FILE).read_text())
         self.encoder = FeatureEncoder(**meta["encoder"])
+        self.variant = variant
         self.version = str(meta.get("version") or meta.get("mlflow_run_id") or meta.get("created", "unknown"))
         self.metadata = meta
-        self._model = tf.saved_model.load(str(folder / SAVED_MODEL_DIR))
-        self._serve = getattr(self._model, SERVE_ENDPOINT)
+        if variant == "full":
+            import tensorflow as tf
+
+            self._model = tf.saved_model.load(str(folder / SAVED_MODEL_DIR))
+            self._serve = getattr(self._model, SERVE_ENDPOINT)
+        elif variant == "quantized":
+            self._serve = _TFLiteServe(folder / QUANTIZED_FILE)
+        else:
+            raise ValueError(f"ranker variant {variant!r} is not full or quantized")
         stats_path = folder / ITEM_STATS_FILE
         stats = pd.read_parquet(stats_path).sort_index() if stats_path.is_file() else None
         self._stats_ids = stats.index.to_numpy(np.int64) if stats is not None else np.empty(0, np.int64)
@@ -80,20 +97,22 @@ class RankerScorer:
         out = self._serve(**self.inputs(user, self.with_item_stats(items, item_ids), n, context))
         return np.asarray(out, dtype=np.float64).reshape(n)
 
-    def score_frame(self, frame: pd.DataFrame, progress: bool = False) -> np.ndarray:
+    def score_frame(self, frame: pd.DataFrame, progress: bool = False, groups: np.ndarray | None = None) -> np.ndarray:
         """(len(frame),) float64 logits for candidate rows (``user_id``, ``item_id``, feature
         columns named as in :func:`pipelines.feature_store.get_training_frame`, optionally
-        ``event_timestamp`` for the context), row-aligned. Each user's rows are scored together
-        as one candidate list (the list features depend on the list), with the user's features
-        taken from their first row."""
+        ``event_timestamp`` for the context), row-aligned. Each user's rows (or each value of
+        ``groups``, row-aligned: one candidate list each) are scored together as one candidate
+        list (the list features depend on the list), with the user's features taken from the
+        list's first row."""
         out = np.empty(len(frame), dtype=np.float64)
         if not len(frame):
             return out
         from tqdm.auto import tqdm
 
         user_cols = [c for c in USER_INPUTS if c in frame.columns]
-        groups = frame.groupby(S.COL_USER, sort=False).indices
-        for rows in tqdm(groups.values(), total=len(groups), desc="score", unit="user", disable=not progress):
+        keys = frame[S.COL_USER].to_numpy() if groups is None else np.asarray(groups)
+        lists = pd.Series(np.arange(len(frame))).groupby(keys, sort=False).indices
+        for rows in tqdm(lists.values(), total=len(lists), desc="score", unit="list", disable=not progress):
             group = frame.iloc[rows]
             first = group.iloc[0]
             when = first[S.COL_TS] if S.COL_TS in group.columns else None
@@ -102,10 +121,43 @@ class RankerScorer:
         return out
 
 
-def load_scorer(path: Path) -> RankerScorer:
-    """The ranker saved by :func:`export_ranker` (a BentoML model's path works as is)."""
+def load_scorer(path: Path, precision: str | None = None) -> RankerScorer:
+    """The ranker saved by :func:`export_ranker` (a BentoML model's path works as is), in the
+    variant :func:`models.ranker.precision.choose_variant` picks for ``precision`` (``auto``,
+    ``full`` or ``quantized``; None: the setting ``RECSYS_RANKER_PRECISION``, default auto)."""
     path = Path(path)
     if not (path / META_FILE).is_file() or not (path / SAVED_MODEL_DIR).is_dir():
         raise FileNotFoundError(f"no ranker at {path}: expected {META_FILE} and {SAVED_MODEL_DIR}/ "
                                 "(train one with `recsys train ranker`)")
-    return RankerScorer(path)
+    if precision is None:
+        from recsys.config import load_settings
+
+        precision = load_settings().ranker_precision
+    variant, why = choose_variant(path, precision)
+    log.info("ranker at %s: serving %s precision (%s)", path, variant, why)
+    return RankerScorer(path, variant)
+
+
+class _TFLiteServe:
+    """The int8 TFLite variant's ``serve`` signature, called like the SavedModel's (keyword
+    tensors in, logits out). A TFLite interpreter may not be shared between threads, and the
+    service calls the ranker from several: one interpreter per calling thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.model = Path(path).read_bytes()
+        self._local = threading.local()
+
+    def _runner(self) -> Any:
+        runner = getattr(self._local, "runner", None)
+        if runner is None:
+            import tensorflow as tf
+
+            with warnings.catch_warnings():  # tf.lite.Interpreter warns of its future move to LiteRT
+                warnings.simplefilter("ignore")
+                interpreter = tf.lite.Interpreter(model_content=self.model, num_threads=1)
+            runner = self._local.runner = interpreter.get_signature_runner(SERVE_ENDPOINT)
+        return runner
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        out = self._runner()(**{k: np.asarray(v) for k, v in inputs.items()})
+        return next(iter(out.values()))

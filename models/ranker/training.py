@@ -56,6 +56,8 @@ class RankerTraining:
     factors: Factors  # the label-time ALS (fit part)
     examples: pd.DataFrame  # the training frame: features, labels
     seconds: dict[str, float] = field(default_factory=dict)
+    #: per label window: (label users kept, label users with a positive), the cap is ``max_users``
+    label_users: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class LabelWindow:
     frame: pd.DataFrame
     factors: Factors
     users: int
+    available: int  # label users with a positive, before the ``max_users`` sample
 
 
 def label_window(events: DataFrame, items: DataFrame, catalogue: np.ndarray, feature_settings: Settings,
@@ -88,12 +91,13 @@ def label_window(events: DataFrame, items: DataFrame, catalogue: np.ndarray, fea
     labels.unpersist()
     index = RetrievalIndex.build(factors)
     recent, seen = history(fit_rows, ex.candidates.max_recent)
+    available = int(positives[S.COL_USER].nunique())
     users, positives = sample_label_users(positives, ex.max_users, ex.seed + window)
     candidates = generate_candidates_batch(index, factors, users, recent, seen, ex.candidates, progress=progress)
     entity = sample_examples(candidates, positives, seen, label_time, catalogue, ex)
     frame = feature_frame(entity, feature_settings, factors, ex.feature_service, stats)
     frame[COL_LIST] = frame[S.COL_USER].to_numpy(np.int64) * MAX_WINDOWS + window  # one list per user and window
-    return LabelWindow(frame, factors, len(users)), fit
+    return LabelWindow(frame, factors, len(users), available), fit
 
 
 def train_ranker_on(events: DataFrame, items: DataFrame, catalogue: np.ndarray, feature_settings: Settings,
@@ -124,4 +128,4 @@ def train_ranker_on(events: DataFrame, items: DataFrame, catalogue: np.ndarray, 
     seconds["ranker_fit_s"] = round(time.perf_counter() - started, 2)
     log.info("ranker trained on %d rows (%d positives, %s label users by window): %s", result.rows, result.positives,
              [w.users for w in windows], seconds)
-    return RankerTraining(result, windows[0].factors, frame, seconds)
+    return RankerTraining(result, windows[0].factors, frame, seconds, [(w.users, w.available) for w in windows])

@@ -1,0 +1,153 @@
+"""A real `bentoml serve` with a trained ranker in its model store: answers carry the ranker's
+version and its scores (the ranker's logits as the rules turn them into answer scores, recomputed
+in process with :class:`RankerScorer` on the engine's candidates and features), and a ranker whose
+SavedModel fails at call time gives the cosine fallback, flagged, for every request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from bentos import rules
+from bentos.factory import build_engine
+from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL
+from models.ranker.export import QUANTIZED_FILE, SAVED_MODEL_DIR
+from models.ranker.scorer import RankerScorer
+from recsys.config import Settings
+from recsys.schema import recs_cache_key
+from tests.support.feature_workspace import DIM
+from tests.support.models import train_tiny_ranker
+from tests.support.service_process import Server, serve, service_env
+from tests.support.serving import build_index, personalised_users
+
+
+def _store(home: Path, ranker: Path) -> Path:
+    """A BentoML model store with the workspace's index and ``ranker``."""
+    from models.tracking import save_to_bentoml
+
+    save_to_bentoml(BENTO_INDEX_MODEL, build_index(home / "build" / "index"), run_id="index-run", bentoml_home=home)
+    save_to_bentoml(BENTO_RANKER_MODEL, ranker, run_id="ranker-run", bentoml_home=home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def tiny_ranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ranker, its ALS rank the workspace's embedding size: its inputs are what the
+    engine passes (the workspace's online features); no int8 variant, so full precision serves."""
+    folder = train_tiny_ranker(tmp_path_factory.mktemp("ranker") / "ranker", rank=DIM)
+    (folder / QUANTIZED_FILE).unlink(missing_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ranked_server(feature_ws: Settings, tiny_ranker_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = _store(tmp_path_factory.mktemp("bentoml-ranker"), tiny_ranker_dir)
+    # a fixed, generous budget: this test is about what the ranker answers, not its latency, and
+    # a loaded machine must not turn an answer into a timeout fallback
+    env = service_env(feature_ws, home, RECSYS_RANKER_TIMEOUT_MS="5000", RECSYS_RANKER_PRECISION="auto")
+    with serve(env, tmp_path_factory.mktemp("serve-ranker") / "serve.log") as srv:
+        yield srv
+
+
+def _fresh(server: Server, settings: Settings, user: int, k: int) -> dict[str, Any]:
+    """A cache-miss answer for ``user`` (other tests on this Redis may have cached one)."""
+    redis.Redis.from_url(settings.effective_redis_url).delete(recs_cache_key(user))
+    status, _, body = server.call("/recommend", {"user_id": user, "k": k})
+    assert status == 200, body
+    assert body["cached"] is False
+    return body
+
+
+def _expected(engine: Any, scorer: RankerScorer, user_id: int, when: datetime) -> rules.Ruled:
+    """The ranker's answer for ``user_id`` built in process: the engine's stages up to scoring,
+    then :meth:`RankerScorer.score` itself (not the engine's scoring stage) and the rules."""
+    reasons: list[str] = []
+    user = engine.features.user(user_id, reasons)
+    purchased = engine.features.purchased(user_id, reasons)
+    cands = engine.candidates.generate(user, set(user.recent) | purchased, reasons,
+                                       engine.candidates.overall_trending(reasons))
+    item_feats = engine.features.items(cands.item_ids, reasons)
+    assert not reasons, reasons
+    ids = np.asarray(cands.item_ids, dtype=np.int64)
+    inputs = {**item_feats, **engine.scoring.recent_similarity(user.values, ids)}
+    logits = scorer.score(user.values, inputs, ids, np.asarray(cands.scores), {"timestamp": when})
+    facts = rules.facts_for(engine.catalog, cands.item_ids, cands.trending, item_feats)
+    return rules.apply_rules(rules.to_unit(logits, "logit"), facts, purchased)
+
+
+def test_answers_carry_the_rankers_version_and_scores(ranked_server: Server, feature_ws: Settings,
+                                                      tiny_ranker_dir: Path, tmp_path: Path) -> None:
+    engine = build_engine(feature_ws, build_index(tmp_path / "index"), tiny_ranker_dir)
+    scorer = RankerScorer(tiny_ranker_dir, "full")
+    try:
+        for user in personalised_users(feature_ws)[:3]:
+            # the served ranker reads the request's hour and weekday (context features) from the
+            # clock: the expected answer is computed for the times just before and after it
+            before = datetime.now(timezone.utc)
+            body = _fresh(ranked_server, feature_ws, user, 10)
+            after = datetime.now(timezone.utc)
+            assert body["degraded"] is False and body["cold_start"] is False, body
+            versions = body["model_versions"]
+            assert versions["ranker"].startswith(f"{BENTO_RANKER_MODEL}:") and versions["ranker_mlflow_run"] == "ranker-run"
+            assert versions["ranker_variant"] == "full"
+            served = [(i["item_id"], i["score"]) for i in body["items"] if i["strategy"] != "new_item"]
+            assert len(served) >= 9  # at most one slot goes to a new item
+            matches = []
+            for when in (before, after):
+                ruled = _expected(engine, scorer, user, when)
+                expected = list(zip(ruled.item_ids.tolist(), ruled.scores.tolist()))[: len(served)]
+                # same items in the same order; scores equal up to the answer's rounding (6 decimals)
+                matches.append([i for i, _ in expected] == [i for i, _ in served] and
+                               np.allclose([s for _, s in expected], [s for _, s in served], atol=1.5e-6, rtol=0))
+            assert any(matches), (user, served)
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def broken_server(feature_ws: Settings, tiny_ranker_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The tiny ranker with its SavedModel replaced by one whose ``serve`` signature takes two
+    tensors (an export of another layout): it loads, and fails on every call."""
+    import shutil
+
+    import tensorflow as tf
+
+    folder = shutil.copytree(tiny_ranker_dir, tmp_path_factory.mktemp("broken") / "ranker")
+    shutil.rmtree(folder / SAVED_MODEL_DIR)
+
+    class OtherLayout(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="user"),
+                                      tf.TensorSpec([None, None], tf.float32, name="items")])
+        def serve(self, user: Any, items: Any) -> Any:
+            return tf.reduce_sum(items, axis=1) + tf.reduce_sum(user)
+
+    tf.saved_model.save(OtherLayout(), str(folder / SAVED_MODEL_DIR))
+    home = _store(tmp_path_factory.mktemp("bentoml-broken"), folder)
+    # a generous budget: on a loaded machine a failing call must show up as the error it is, not
+    # as a timeout (the warm-up fails too, so the budget would otherwise be the floor)
+    env = service_env(feature_ws, home, RECSYS_RANKER_TIMEOUT_MS="5000")
+    with serve(env, tmp_path_factory.mktemp("serve-broken") / "serve.log") as srv:
+        yield srv
+
+
+def test_a_ranker_failing_at_call_time_gives_the_cosine_fallback_flagged(broken_server: Server,
+                                                                        feature_ws: Settings) -> None:
+    users = personalised_users(feature_ws)[:3]
+    for user in users:
+        body = _fresh(broken_server, feature_ws, user, 10)
+        assert body["degraded"] is True and body["degraded_reasons"] == ["ranker error"], body
+        assert body["model_versions"]["ranker_variant"] == "full" and len(body["items"]) == 10
+        # cosine scores in [0, 1] after the rules' multipliers (at most 1.1 x 1.05)
+        assert all(0.0 <= i["score"] <= 1.155 for i in body["items"])
+    # a degraded answer is never cached: the next request retries the ranker
+    assert redis.Redis.from_url(feature_ws.effective_redis_url).get(recs_cache_key(users[0])) is None
+    metrics = broken_server.call("/metrics", method="GET")[2]
+    assert 'recsys_fallbacks_total{kind="ranker_error"}' in metrics
