@@ -1,7 +1,8 @@
 """Benchmark: recommendation quality on ML-100K under the one protocol (models.protocol).
 
 Run: ``python -m benchmarks.quality`` -> ``benchmarks/results/quality.json`` (popularity_*, als_*,
-two_stage_* (ALS candidates re-ranked by the TensorFlow ranker): accuracy and the beyond-accuracy
+two_stage_* (ALS candidates re-ranked by the TensorFlow ranker), served_* (the service's own engine:
+bentos.evaluation; it needs Redis, `recsys stack up`): accuracy and the beyond-accuracy
 measures coverage@10, novelty@10, ild@10 and arp@10, plus the whole evaluation report),
 ``quality.md`` (a table), ``quality.png`` (ndcg@k for k = 1..20) and ``quality_beyond.png``
 (ndcg@10 against coverage, novelty, diversity and popularity, one point per row). It runs the same
@@ -23,7 +24,7 @@ from recsys.logs import configure_logging
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("popularity", "als", "two_stage")
+MODELS = ("popularity", "als", "two_stage", "served")
 ACCURACY = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 #: Beyond-accuracy measures of the same top-10 lists (models.beyond_accuracy), with axis labels.
 BEYOND = {"coverage@10": "catalogue coverage@10", "novelty@10": "novelty@10 (bits)",
@@ -111,20 +112,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--no-tune", action="store_true", help="Use the default ALS config (faster).")
     parser.add_argument("--no-two-stage", action="store_true", help="Skip the ranker (two_stage_* stay empty).")
+    parser.add_argument("--no-served", action="store_true",
+                        help="Skip the service's engine (served_* stay empty; it needs Redis otherwise).")
     args = parser.parse_args()
     configure_logging()
+    from bentos.evaluation import check_redis, served
     from models.evaluate import run_evaluation
     from models.holdout import EvaluationConfig
     from models.ranker.two_stage import two_stage
+    from recsys.config import Settings
 
+    if not args.no_served:
+        check_redis(Settings())  # before minutes of work: names the fix (`recsys stack up`, --no-served)
     config = EvaluationConfig(grid=None) if args.no_tune else EvaluationConfig()
     report = run_evaluation(ml100k_path(), None, config=config, track=False,
-                            two_stage=None if args.no_two_stage else two_stage)
+                            two_stage=None if args.no_two_stage else two_stage,
+                            served=None if args.no_served else served)
     numbers: dict[str, Any] = {f"{name}_{m}": report.get(f"{name}_{m}") for name in MODELS for m in METRICS}
     numbers["als_hyperparameters"] = report["hyperparameters"]["als"]
     numbers["tuned"] = report["hyperparameters"]["tuned"]
     numbers["ndcg_curves"] = {name: (report["models"][name] or {}).get("ndcg_curve") for name in MODELS}
     numbers["slices"] = {name: (report["models"][name] or {}).get("slices") for name in MODELS}
+    numbers["served_serving"] = (report["models"]["served"] or {}).get("serving")  # how answers became lists
     numbers["timings"] = report["timings"]
     numbers["report"] = report  # the whole `recsys evaluate` report, for anything not above
     plot = plot_ndcg_curves(report, RESULTS / "quality.png")
@@ -137,7 +146,9 @@ def main() -> None:
              f"Protocol: docs/training.md. Full report: quality.json, key `report`; "
              f"ndcg@k curves: {plot.name}; ndcg@10 against the beyond-accuracy measures "
              f"(defined in docs/training.md): {beyond_plot.name}. two_stage: the ALS candidates (models.retrieval) "
-             f"re-ranked by the TensorFlow ranker (models.ranker.two_stage). "
+             f"re-ranked by the TensorFlow ranker (models.ranker.two_stage). served: the service's engine "
+             f"(candidate strategies, ranker, business rules, diversification) on the same users, seeded "
+             f"from training events only (bentos.evaluation; counts in `served_serving`). "
              f"Total {report['timings']['total_s']}s on this machine.")
     path = write_results("quality", numbers, rows, notes=notes)
     log.info("wrote %s, %s and %s", path, plot, beyond_plot)

@@ -9,7 +9,9 @@ never on test.
 The split, the tuning and :class:`models.holdout.EvaluationConfig` live in :mod:`models.holdout`,
 which the training jobs share. The report's ``two_stage_*`` keys are reserved for the two-stage
 model (retrieval candidates re-ranked by the TensorFlow ranker): pass ``two_stage`` to
-:func:`run_evaluation` to fill them.
+:func:`run_evaluation` to fill them. The ``served_*`` keys are the service's own engine on the
+same users (``bentos.evaluation.served``, passed in as ``served`` because ``models`` may not
+import ``bentos``); it reuses what the two-stage step recorded on the :class:`EvalContext`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from models.holdout import (
     EvalContext,
     EvaluationConfig,
     Holdout,
+    ServedFn,
     Timer,
     TwoStageFn,
     clean_to_last_event,
@@ -49,10 +52,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "ml-100k", "ml-csv", "canonical")
-#: Report keys each model fills, prefixed by the model name (popularity_, als_, two_stage_): the
+#: Report keys each model fills, prefixed by the model name (popularity_, als_, two_stage_, served_): the
 #: accuracy metrics, then the beyond-accuracy measures of the same top-10 lists.
 HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10", "novelty@10", "ild@10", "arp@10")
 TWO_STAGE = "two_stage"
+SERVED = "served"
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -134,10 +138,13 @@ def run_evaluation(
     tracking_uri: str | None = None,
     track: bool = True,
     two_stage: TwoStageFn | None = None,
+    served: ServedFn | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate popularity and ALS (and ``two_stage`` when given) on ``data``; write the JSON
-    report to ``out`` and return it. Without ``workspace`` a temporary one is used and removed."""
+    """Evaluate popularity and ALS (and ``two_stage``, then ``served``, when given) on ``data``;
+    write the JSON report to ``out`` and return it. Without ``workspace`` a temporary one is used
+    and removed. ``served`` runs after ``two_stage`` on the same :class:`EvalContext`, whose
+    train-only feature dataset and ranker it reuses; its counts go to ``models.served.serving``."""
     from recsys.spark import get_spark
 
     cfg = config or EvaluationConfig()
@@ -164,19 +171,25 @@ def run_evaluation(
             factors = fit_als(clean_train.interactions, best, clean_train.reference_time)
         with timer("evaluate"):
             models = score_models(spark, split, factors, cfg)
-            models[TWO_STAGE] = None  # TWO-STAGE: the ranker's step fills it (and the two_stage_* keys)
-            if two_stage is not None:
-                context = EvalContext(spark, ws_settings, dataset_dir, split.train, split.test, split.train_rows,
-                                      split.eval_set, validation.eval_set, cleaning, best, factors,
-                                      clean_train.reference_time)
+        models[TWO_STAGE] = models[SERVED] = None  # filled by the steps passed in (and their *_ keys)
+        context = EvalContext(spark, ws_settings, dataset_dir, split.train, split.test, split.train_rows,
+                              split.eval_set, validation.eval_set, cleaning, best, factors, clean_train.reference_time)
+        if two_stage is not None:
+            with timer("two_stage"):
                 models[TWO_STAGE] = evaluate_top_k(split.eval_set, two_stage(context), cfg.ks, cfg.curve_to,
                                                    item_vectors_of(factors, catalogue))
+        if served is not None:
+            with timer("served"):
+                ranked, serving = served(context)
+                models[SERVED] = {**evaluate_top_k(split.eval_set, ranked, cfg.ks, cfg.curve_to,
+                                                   item_vectors_of(factors, catalogue)), "serving": serving}
 
         manifest = read_manifest(dataset_dir)
         report: dict[str, Any] = {
             **_headline("popularity", models["popularity"]),
             **_headline("als", models["als"]),
             **_headline(TWO_STAGE, models[TWO_STAGE]),  # None until the ranker fills them
+            **_headline(SERVED, models[SERVED]),
             "dataset": {"path": str(data), "source": manifest.source, "events": manifest.events,
                         "users": manifest.users, "items": manifest.items,
                         "fingerprint": _fingerprint(dataset_dir)},
@@ -235,7 +248,7 @@ def _track(settings: Settings, ws: Path, report: dict[str, Any], factors: Factor
     params = {**best.params(), **{f"cleaning_{k}": v for k, v in _cleaning_params(cleaning).items()},
               "test_fraction": cfg.test_fraction, "tuned": cfg.grid is not None}
     metrics = {k: v for k, v in report.items()
-               if k.startswith(("popularity_", "als_", f"{TWO_STAGE}_")) and v is not None}
+               if k.startswith(("popularity_", "als_", f"{TWO_STAGE}_", f"{SERVED}_")) and v is not None}
     artifacts = (ws / "mlartifacts").resolve().as_uri()  # a local store's artifacts stay in the workspace
     run = log_training_run(
         settings.effective_mlflow_uri, EVALUATION_EXPERIMENT, f"evaluate-{settings.dataset}", params, metrics,

@@ -65,10 +65,18 @@ class EvalContext:
     als: ALSConfig
     factors: Factors
     cutoff: datetime
+    #: What the two-stage step built, recorded for the served step (which reuses them rather
+    #: than training again): the train-only feature dataset's settings (its own Feast project)
+    #: and the exported ranker's folder. None until a two-stage step ran.
+    feature_settings: Settings | None = None
+    ranker_dir: Path | None = None
 
 
 #: Returns ranked catalogue columns (``eval_set.users`` x at least max(ks), -1 padded).
 TwoStageFn = Callable[[EvalContext], np.ndarray]
+#: The served pipeline's step: ranked catalogue columns as for :data:`TwoStageFn`, and counts
+#: that say how the answers were turned into them (padding, fallback, degraded answers).
+ServedFn = Callable[[EvalContext], tuple[np.ndarray, dict[str, Any]]]
 
 
 class Timer:

@@ -1,6 +1,9 @@
 """The two-stage model of ``recsys evaluate`` (:func:`two_stage`, a
 :data:`models.holdout.TwoStageFn`): the ranker trained on the evaluation's training events, then
-each scored user's retrieval candidates re-ranked by the exported SavedModel (:func:`rerank`)."""
+each scored user's retrieval candidates re-ranked by the exported SavedModel (:func:`rerank`).
+It records its train-only feature dataset and ranker folder on the context for the served step
+(``bentos.evaluation``), and shares with it how ranked ids become catalogue columns
+(:func:`fill_columns`) and the ALS fallback (:func:`als_fallback`)."""
 
 from __future__ import annotations
 
@@ -26,12 +29,42 @@ if TYPE_CHECKING:
     from models.holdout import EvalContext
 
 
+def fill_columns(ranked_ids: list[int] | np.ndarray, catalogue: np.ndarray, fallback: np.ndarray, depth: int,
+                 exclude: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """One user's ranked item ids as ``depth`` catalogue columns: ids outside the catalogue and
+    columns in ``exclude`` dropped, repeats kept once (first place), then ``fallback`` (that
+    user's ALS-ranked columns, -1 padded) for the rest; -1 pads what even that leaves. Returns
+    the row and how many of its columns came from ``fallback``."""
+    ids = np.asarray(ranked_ids, dtype=np.int64)
+    cols = np.searchsorted(catalogue, ids)
+    known = (cols < len(catalogue)) & (catalogue[np.minimum(cols, len(catalogue) - 1)] == ids) if len(catalogue) \
+        else np.zeros(len(ids), bool)
+    taken = set() if exclude is None else {int(c) for c in exclude}
+    chosen: list[int] = []
+    for col in cols[known].tolist():
+        if len(chosen) >= depth:
+            break
+        if col not in taken:
+            chosen.append(col)
+            taken.add(col)
+    own = len(chosen)
+    for col in fallback.tolist():
+        if len(chosen) >= depth:
+            break
+        if col >= 0 and col not in taken:
+            chosen.append(col)
+            taken.add(col)
+    row = np.full(depth, -1, dtype=np.int64)
+    row[: len(chosen)] = chosen
+    return row, len(chosen) - own
+
+
 def rerank(scorer: Any, frame: pd.DataFrame, users: np.ndarray, catalogue: np.ndarray, fallback: np.ndarray,
            depth: int, progress: bool = True) -> np.ndarray:
     """Ranked catalogue columns (len(users) x depth): each user's candidates in ``frame`` by the
     ranker's logits (ties by item id), then ``fallback`` (that user's row of ALS-ranked columns)
-    for the rest. ``scorer`` is a :class:`models.ranker.scorer.RankerScorer` (the exported
-    SavedModel)."""
+    for the rest (:func:`fill_columns`). ``scorer`` is a
+    :class:`models.ranker.scorer.RankerScorer` (the exported SavedModel)."""
     out = np.full((len(users), depth), -1, dtype=np.int64)
     logits = scorer.score_frame(frame, progress)  # each user's candidates scored as one list
     groups = {int(u): rows for u, rows in frame.groupby(S.COL_USER, sort=False).indices.items()} if len(frame) else {}
@@ -42,17 +75,16 @@ def rerank(scorer: Any, frame: pd.DataFrame, users: np.ndarray, catalogue: np.nd
         if rows is not None and len(rows):
             ids = item_ids[rows]
             ranked = ids[np.lexsort((ids, -logits[rows]))].tolist()
-        cols = np.searchsorted(catalogue, np.asarray(ranked, np.int64))
-        chosen = list(dict.fromkeys(cols.tolist()))[:depth]
-        taken = set(chosen)
-        for col in fallback[row].tolist():
-            if len(chosen) >= depth:
-                break
-            if col >= 0 and col not in taken:
-                chosen.append(col)
-                taken.add(col)
-        out[row, : len(chosen)] = chosen
+        out[row], _ = fill_columns(ranked, catalogue, fallback[row], depth)
     return out
+
+
+def als_fallback(ctx: EvalContext, depth: int) -> np.ndarray:
+    """Every scored user's ALS ranking (popularity for a user without an ALS vector), training
+    items excluded: what fills a two-stage or served list that comes up short."""
+    catalogue = ctx.eval_set.catalogue
+    popularity = Popularity.fit(ctx.train_rows)
+    return rank_with(ctx.eval_set, ctx.factors.score_fn(catalogue, fallback=popularity.scores(catalogue)), depth)
 
 
 def train_only_dataset(ctx: EvalContext) -> Settings:
@@ -95,7 +127,10 @@ def two_stage(ctx: EvalContext, config: RankerConfig | None = None, examples: Ex
     items = ctx.spark.read.parquet(str(ctx.dataset_dir / "items")).select(S.COL_ITEM)
     catalogue = ctx.eval_set.catalogue
     trained = train_ranker_on(ctx.train, items, catalogue, fsettings, ctx.als, ctx.cleaning, config, ex, progress)
-    folder = export_ranker(trained.fit, ctx.settings.data_path / "models" / "ranker-eval")
+    # item statistics of all training events: the same events as the test-time ALS; exported with
+    # the ranker too, so the served step's scorer reads the very values this frame carries
+    stats = item_stats(ctx.train)
+    folder = export_ranker(trained.fit, ctx.settings.data_path / "models" / "ranker-eval", item_stats=stats)
     scorer = load_scorer(folder)
 
     users = ctx.eval_set.users
@@ -103,9 +138,6 @@ def two_stage(ctx: EvalContext, config: RankerConfig | None = None, examples: Ex
     recent, seen = history(ctx.train_rows, ex.candidates.max_recent)
     candidates = generate_candidates_batch(index, ctx.factors, users, recent, seen, ex.candidates, progress=progress)
     test_time = first_times(ctx.test.filter(F.col(S.COL_USER).isin([int(u) for u in users])))
-    # item statistics of all training events: the same events as the test-time ALS
-    frame = feature_frame(candidate_rows(candidates, test_time), fsettings, ctx.factors, ex.feature_service,
-                          item_stats(ctx.train))
-    popularity = Popularity.fit(ctx.train_rows)
-    fallback = rank_with(ctx.eval_set, ctx.factors.score_fn(catalogue, fallback=popularity.scores(catalogue)), depth)
-    return rerank(scorer, frame, users, catalogue, fallback, depth, progress)
+    frame = feature_frame(candidate_rows(candidates, test_time), fsettings, ctx.factors, ex.feature_service, stats)
+    ctx.feature_settings, ctx.ranker_dir = fsettings, folder  # the served step reuses both
+    return rerank(scorer, frame, users, catalogue, als_fallback(ctx, depth), depth, progress)

@@ -136,24 +136,35 @@ def evaluate_cmd(
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log the run to MLflow.")] = True,
     two_stage: Annotated[bool, typer.Option("--two-stage/--no-two-stage",
                                             help="Also train the ranker and score ALS candidates re-ranked by it.")] = True,
+    served: Annotated[Optional[bool], typer.Option(
+        "--served/--no-served",
+        help="Also score the service's own engine (needs Redis: `recsys stack up`); default: with --two-stage.")] = None,
 ) -> None:
     """Load -> split -> clean -> tune -> fit -> evaluate under the one protocol; writes a JSON report.
 
-    Runs in its own workspace: it never touches the demo's data, models or MLflow registry.
+    Runs in its own workspace: it never touches the demo's data, models or MLflow registry (the
+    served row borrows an empty Redis database and empties it afterwards).
     """
+    from bentos.evaluation import check_redis
+    from bentos.evaluation import served as served_engine
     from models.evaluate import run_evaluation
     from models.holdout import EvaluationConfig
+    from models.ranker.two_stage import two_stage as ranker_two_stage
     from pipelines.canonical import DatasetError
+    from pipelines.feature_store import FeatureStoreError
     from pipelines.loaders import LoaderError
 
-    from models.ranker.two_stage import two_stage as ranker_two_stage
-
+    settings = settings_of(ctx)
+    serve = two_stage if served is None else served
     config = EvaluationConfig() if tune else EvaluationConfig(grid=None)
     try:
+        if serve and data.exists():  # a missing --data gets the loader's own message first
+            check_redis(settings)  # before minutes of work, not after
         report = run_evaluation(data, out, layout=layout, workspace=workspace, config=config,
-                                settings=settings_of(ctx), tracking_uri=mlflow_uri, track=track,
-                                two_stage=ranker_two_stage if two_stage else None)
-    except (ValueError, DatasetError, LoaderError, FileNotFoundError) as exc:
+                                settings=settings, tracking_uri=mlflow_uri, track=track,
+                                two_stage=ranker_two_stage if two_stage else None,
+                                served=served_engine if serve else None)
+    except (ValueError, DatasetError, LoaderError, FileNotFoundError, FeatureStoreError) as exc:
         raise CliError(str(exc)) from exc
     headline = {k: v for k, v in report.items() if k.endswith(("@10", "@20")) and v is not None}
     typer.echo(json.dumps(headline, indent=2))

@@ -41,7 +41,7 @@ def assert_popularity_is_the_most_popular(report: dict) -> None:
     novelty takes -log2 of, so with full top-10 lists no row can have a higher ARP or a lower
     novelty (per user, the 10 largest n_i maximise the mean n_i and minimise the mean
     -log2(n_i / N)). The report rounds to 5 decimals, hence the 1e-5."""
-    for row in ("als", "two_stage"):
+    for row in ("als", "two_stage", "served"):
         if report.get(f"{row}_arp@10") is not None:
             assert report["popularity_arp@10"] >= report[f"{row}_arp@10"] - 1e-5
             assert report["popularity_novelty@10"] <= report[f"{row}_novelty@10"] + 1e-5
@@ -73,6 +73,8 @@ def test_cli_evaluate_in_its_own_workspace(tmp_path: Path) -> None:
         assert report[f"{model}_coverage@10"] == report["models"][model]["coverage@10"]
     assert_popularity_is_the_most_popular(report)
     assert report["two_stage_ndcg@10"] is None and report["models"]["two_stage"] is None  # the ranker's room
+    # --no-two-stage turns the served row off too (its default follows --two-stage): no Redis needed
+    assert report["served_ndcg@10"] is None and report["models"]["served"] is None
     assert all(report[f"two_stage_{key}"] is None for key in ("coverage@10", "novelty@10", "ild@10", "arp@10"))
     assert report["hyperparameters"]["tuned"] is False
     assert report["protocol"]["catalogue"] == 60
@@ -88,6 +90,21 @@ def test_cli_evaluate_in_its_own_workspace(tmp_path: Path) -> None:
             assert logged[f"{model}_{key}".replace("@", "_at_")] == pytest.approx(report[f"{model}_{key}"], abs=1e-5)
     assert (workspace / "data" / "canonical" / "tiny-ml" / "manifest.json").is_file()
     assert not demo_data.exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_cli_evaluate_served_without_redis_names_the_fix(tmp_path: Path) -> None:
+    # --served needs Redis: with nothing listening the command stops before any Spark work
+    from pipelines.stack import free_port
+
+    data = write_tiny_movielens(tmp_path / "tiny-ml")
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "recsys.cli", "evaluate", "--data", str(data), "--out", str(tmp_path / "r.json"),
+         "--no-tune", "--no-two-stage", "--served"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "not reachable: check REDIS_URL, or skip the row with --no-served" in result.stderr
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_cli_evaluate_bad_path_is_one_clear_line(tmp_path: Path) -> None:
