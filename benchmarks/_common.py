@@ -37,18 +37,20 @@ def machine() -> dict[str, Any]:
             "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
-def write_results(name: str, numbers: dict[str, Any], table_rows: list[tuple[str, str]], notes: str = "") -> Path:
+def write_results(name: str, numbers: dict[str, Any], table_rows: list[tuple[str, str]], notes: str = "",
+                  folder: Path | None = None) -> Path:
     """Write results/NAME.json (numbers, the code and arguments that produced them, machine facts)
-    and results/NAME.md (a short table)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    and results/NAME.md (a short table); ``folder`` instead of results/ (a smoke run's --out)."""
+    out = Path(folder) if folder is not None else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     source = provenance()
     path.write_text(json.dumps({**numbers, **source, "machine": machine()}, indent=2) + "\n")
     lines = [f"# {name}", "", f"commit `{source['git_commit']}`, arguments `{' '.join(source['arguments']) or '(none)'}`",
              "", "| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in table_rows]]
     if notes:
         lines += ["", notes]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     return path
 
 

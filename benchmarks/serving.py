@@ -1,25 +1,45 @@
-"""Benchmark: /recommend latency and throughput of a running service, cache misses vs hits.
+"""Benchmark: /recommend with the ranker beside the strategy blend, in one run.
 
-Run after `make demo` (the stack and the service on RECSYS_SERVICE_PORT are up):
-``python -m benchmarks.serving`` -> ``benchmarks/results/serving.json`` with ``miss_p50_ms_c1``,
-``miss_p95_ms_c1``, ``miss_p99_ms_c1``, ``hit_p50_ms_c1``, ``hit_p99_ms_c1`` and, for c8 and c32,
-``miss_rps_cN``, ``miss_p99_ms_cN``, ``hit_rps_cN``, ``hit_p99_ms_cN``, plus the per-stage means
-from the service's own /metrics.
+Run after `make demo` (the stack up, the models in the BentoML store):
+``python -m benchmarks.serving`` -> ``benchmarks/results/serving.json``. It starts its own
+`bentoml serve` processes on free loopback ports, one after the other (never two measured at once
+on the shared cores), from the same data and Redis:
+
+- ``ranker_*``: the store as it is, the ranker at full precision (``RECSYS_RANKER_PRECISION=full``);
+- ``quantized_*``: the same with the ranker's int8 variant, when the export has one;
+- ``blend_*``: a model store holding the index only, so the service scores with the strategy blend.
+
+For each: cache-miss p50/p99 at concurrency 1 (``*_miss_p50_ms_c1``, ``*_miss_p99_ms_c1``),
+requests/s at concurrency 8 (``*_miss_rps_c8``, with its p99), cache-hit p50/p99 at concurrency 1
+(``*_hit_p99_ms_c1``) with ``*_hit_ratio`` (the share of hit-phase answers whose ``cached`` flag
+is true: below :data:`MIN_HIT_RATIO` the run fails, since the phase did not measure hits), the
+``scoring`` stage's mean and p99 over the c1 miss phase from the service's own /metrics
+(``*_scoring_mean_ms``, ``*_scoring_p99_ms``: the p99 interpolated within the histogram's bucket,
+as Prometheus' histogram_quantile does), every stage's mean (``*_stage_mean_ms_*``), the served
+``*_model_versions`` and the load average when the variant's phases ended.
 
 A closed-loop generator on loopback: ``c`` clients each send the next request when the previous
-answer arrives. Misses: distinct users whose cache entry was deleted first; hits: the same users
-again. Every phase is bounded in requests and in time. The generator shares the 2 cores with the
-service, so high-concurrency latency is mostly queueing: read c1 for latency, c8 for throughput.
+answer arrives. Misses: distinct users whose cache entry was deleted first (the same users for
+every variant); hits: the same users again. Every phase is bounded in requests and in time. The
+generator shares the cores with the service: read c1 for latency, c8 for throughput.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,18 +50,25 @@ import redis
 
 from benchmarks._common import write_results
 from bentos.cache import cache_key
+from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL
+from models.ranker.export import QUANTIZED_FILE
+from pipelines.stack import free_port
+from pipelines.stack.services import service_command, service_env
 from recsys import schema as S
 from recsys.config import Settings, load_settings
 from recsys.logs import configure_logging
 
 log = logging.getLogger("benchmarks.serving")
 
-PHASE_REQUESTS = {1: 1000, 8: 1200, 32: 1600}  # c1 needs many samples for a p99 that means something
 PHASE_MAX_S = 60.0
+START_TIMEOUT_S = 300.0
+#: below this share of cached answers the "hit" phase did not measure hits: the run fails
+MIN_HIT_RATIO = 0.99
 _STAGE = re.compile(r'^recsys_stage_seconds_(sum|count)\{stage="([a-z_]+)"\} ([0-9.e+-]+)$')
+_BUCKET = re.compile(r'^recsys_stage_seconds_bucket\{le="([0-9.e+Inf-]+)",stage="scoring"\} ([0-9.e+-]+)$')
 
 
-async def _floor(base: str, n: int = 1000) -> list[float]:
+async def _floor(base: str, n: int) -> list[float]:
     """GET /healthz with one client: this machine's HTTP floor (no handler work), for reference."""
     latencies = []
     async with aiohttp.ClientSession(base) as client:
@@ -53,12 +80,14 @@ async def _floor(base: str, n: int = 1000) -> list[float]:
     return latencies
 
 
-async def _phase(base: str, users: list[int], concurrency: int) -> tuple[list[float], float, int]:
-    """Send one /recommend per user with ``concurrency`` closed-loop clients; (latencies ms, rps, errors)."""
+async def _phase(base: str, users: list[int], concurrency: int) -> tuple[list[float], float, int, list[dict]]:
+    """One /recommend per user with ``concurrency`` closed-loop clients: (latencies ms, rps,
+    errors, the answers' ``cached`` flags and model versions)."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for u in users:
         queue.put_nowait(u)
     latencies: list[float] = []
+    answers: list[dict] = []
     errors = 0
     deadline = time.monotonic() + PHASE_MAX_S
     # aiohttp, not httpx: httpx's client adds a per-request cost of its own (measured side by side),
@@ -72,18 +101,26 @@ async def _phase(base: str, users: list[int], concurrency: int) -> tuple[list[fl
                 user = queue.get_nowait()
                 t = time.perf_counter()
                 async with client.post("/recommend", json={"user_id": user, "k": 10}) as resp:
-                    await resp.read()
+                    payload = await resp.read()
                 latencies.append((time.perf_counter() - t) * 1000)
-                errors += resp.status != 200
+                if resp.status != 200:
+                    errors += 1
+                    continue
+                body = json.loads(payload)  # after the clock stopped: parsing is not the service's time
+                answers.append({"cached": body.get("cached"), "model_versions": body.get("model_versions"),
+                                "degraded": body.get("degraded")})
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return latencies, len(latencies) / elapsed, errors
+    return latencies, len(latencies) / elapsed, errors, answers
 
 
-def _stage_totals(base: str) -> dict[str, tuple[float, float]]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
+def _metrics(base: str) -> str:
+    return httpx.get(f"{base}/metrics", timeout=10).text
+
+
+def _stage_totals(text: str) -> dict[str, tuple[float, float]]:
     totals: dict[str, list[float]] = {}
     for line in text.splitlines():
         m = _STAGE.match(line)
@@ -91,6 +128,34 @@ def _stage_totals(base: str) -> dict[str, tuple[float, float]]:
             kind, stage, value = m.groups()
             totals.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] += float(value)
     return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def _scoring_buckets(text: str) -> dict[float, float]:
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        m = _BUCKET.match(line)
+        if m:
+            out[float(m.group(1))] = out.get(float(m.group(1)), 0.0) + float(m.group(2))
+    return out
+
+
+def histogram_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The ``q`` quantile (ms) of the observations between two snapshots of a cumulative
+    histogram (upper bound -> count), interpolated linearly within its bucket as Prometheus'
+    histogram_quantile does; None without observations. Past the last finite bound: that bound."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower * 1000
+            return (lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)) * 1000
+        lower, below = bound, count
+    return lower * 1000
 
 
 def _stage_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -110,55 +175,152 @@ def _users(settings: Settings, n: int) -> list[int]:
     return [int(u) for u in rng.permutation(active)[:n]]
 
 
-def run(settings: Settings) -> dict[str, Any]:
-    base = f"http://127.0.0.1:{settings.service_port}"
-    if httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
-        raise SystemExit(f"the service at {base} is not ready: run `make demo` (or `recsys stack up --only service`)")
+@contextmanager
+def service(settings: Settings, env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """`bentoml serve` on a free loopback port with ``env`` over this process's environment;
+    yields its base URL once /readyz answers, and stops its process group on exit."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as fh:
+        proc = subprocess.Popen(service_command(settings, port), cwd=settings.home, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **service_env(settings), **env})
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"bentoml serve exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bentoml serve not ready in {START_TIMEOUT_S:.0f} s: "
+                                 f"{log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def measure(base: str, client: redis.Redis, miss_c1: list[int], miss_c8: list[int]) -> dict[str, Any]:
+    """The phases of one variant (module docstring); fails when the hit phase did not hit."""
+    asyncio.run(_phase(base, miss_c1[:20], 1))  # warm-up: connections, lazy imports, FAISS pages
+    client.delete(*[cache_key(u) for u in miss_c1 + miss_c8])
+    text = _metrics(base)
+    before, buckets_before = _stage_totals(text), _scoring_buckets(text)
+    miss, _, miss_err, answers = asyncio.run(_phase(base, miss_c1, 1))
+    text = _metrics(base)
+    after, buckets_after = _stage_totals(text), _scoring_buckets(text)
+    time.sleep(2.0)  # cache writes happen off the response path: let them land before the hit phase
+    hit, _, hit_err, hit_answers = asyncio.run(_phase(base, miss_c1, 1))
+    hit_ratio = float(np.mean([bool(a["cached"]) for a in hit_answers])) if hit_answers else 0.0
+    if hit_ratio < MIN_HIT_RATIO:
+        raise SystemExit(f"the hit phase at {base} was not served from the cache: {hit_ratio:.3f} of its answers "
+                         f"were cached (need >= {MIN_HIT_RATIO}); is the cache TTL or Redis misconfigured?")
+    miss8, rps8, miss8_err, _ = asyncio.run(_phase(base, miss_c8, 8))
+    versions = sorted({json.dumps(a["model_versions"], sort_keys=True) for a in answers})
+    scoring_mean = after.get("scoring", (0.0, 0.0))
+    scoring_before = before.get("scoring", (0.0, 0.0))
+    n_scored = scoring_mean[1] - scoring_before[1]
+    p99 = histogram_quantile(0.99, buckets_before, buckets_after)
+    return {
+        "miss_p50_ms_c1": float(np.percentile(miss, 50)), "miss_p99_ms_c1": float(np.percentile(miss, 99)),
+        "miss_requests_c1": len(miss), "miss_degraded_share_c1": float(np.mean([bool(a["degraded"]) for a in answers])),
+        "hit_p50_ms_c1": float(np.percentile(hit, 50)), "hit_p99_ms_c1": float(np.percentile(hit, 99)),
+        "hit_ratio": round(hit_ratio, 4), "miss_rps_c8": rps8, "miss_p99_ms_c8": float(np.percentile(miss8, 99)),
+        "errors": miss_err + hit_err + miss8_err,
+        "scoring_mean_ms": round((scoring_mean[0] - scoring_before[0]) / n_scored * 1000, 4) if n_scored else None,
+        "scoring_p99_ms": round(p99, 4) if p99 is not None else None, "scoring_calls_c1": int(n_scored),
+        **_stage_means(before, after),
+        "model_versions": [json.loads(v) for v in versions],
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def blend_store(folder: Path) -> Path:
+    """A BentoML model store holding the current index only: a service started on it scores with
+    the strategy blend (no ranker), with everything else as in the main store."""
+    import bentoml
+
+    from models.tracking import save_to_bentoml
+
+    index = bentoml.models.get(f"{BENTO_INDEX_MODEL}:latest")
+    save_to_bentoml(BENTO_INDEX_MODEL, Path(index.path), index.info.labels.get("mlflow_run_id", "unknown"),
+                    bentoml_home=folder)
+    return folder
+
+
+def has_quantized_ranker() -> bool:
+    import bentoml
+
+    try:
+        return (Path(bentoml.models.get(f"{BENTO_RANKER_MODEL}:latest").path) / QUANTIZED_FILE).is_file()
+    except bentoml.exceptions.NotFound:
+        return False
+
+
+def run(settings: Settings, miss_c1: int, miss_c8: int, variants: list[str], workdir: Path) -> dict[str, Any]:
     client = redis.Redis.from_url(settings.effective_redis_url)
-    pool = _users(settings, sum(PHASE_REQUESTS.values()))
-    numbers: dict[str, Any] = {}
-    offset = 0
-    asyncio.run(_phase(base, pool[:20], 1))  # warm-up: connections, lazy imports, FAISS pages
-    floor = asyncio.run(_floor(base))
-    numbers["healthz_p50_ms_c1"], numbers["healthz_p99_ms_c1"] = (float(np.percentile(floor, q)) for q in (50, 99))
-    numbers["service_workers"] = settings.service_workers
-    for concurrency, n in PHASE_REQUESTS.items():
-        users = pool[offset: offset + n]
-        offset += n
-        if users:
-            client.delete(*[cache_key(u) for u in users])
-        before = _stage_totals(base)
-        miss, miss_rps, miss_err = asyncio.run(_phase(base, users, concurrency))
-        after = _stage_totals(base)
-        time.sleep(2.0)  # cache writes happen off the response path: let them land before the hit phase
-        hit, hit_rps, hit_err = asyncio.run(_phase(base, users, concurrency))
-        tag = f"c{concurrency}"
-        numbers.update({
-            f"miss_p50_ms_{tag}": float(np.percentile(miss, 50)), f"miss_p95_ms_{tag}": float(np.percentile(miss, 95)),
-            f"miss_p99_ms_{tag}": float(np.percentile(miss, 99)), f"miss_rps_{tag}": miss_rps,
-            f"hit_p50_ms_{tag}": float(np.percentile(hit, 50)), f"hit_p99_ms_{tag}": float(np.percentile(hit, 99)),
-            f"hit_rps_{tag}": hit_rps, f"requests_{tag}": len(miss) + len(hit), f"errors_{tag}": miss_err + hit_err,
-        })
-        if concurrency == 1:
-            numbers.update(_stage_means(before, after))
-        numbers["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-        log.info("c=%d: miss p50 %.1f p99 %.1f ms %.0f rps | hit p50 %.1f p99 %.1f ms %.0f rps", concurrency,
-                 numbers[f"miss_p50_ms_{tag}"], numbers[f"miss_p99_ms_{tag}"], miss_rps,
-                 numbers[f"hit_p50_ms_{tag}"], numbers[f"hit_p99_ms_{tag}"], hit_rps)
+    pool = _users(settings, miss_c1 + miss_c8)
+    users_c1, users_c8 = pool[:miss_c1], pool[miss_c1:]
+    if not users_c1 or not users_c8:
+        raise SystemExit(f"only {len(pool)} users with >= 20 events: lower --miss-c1/--miss-c8")
+    envs: dict[str, dict[str, str]] = {
+        "ranker": {"RECSYS_RANKER_PRECISION": "full"},
+        "quantized": {"RECSYS_RANKER_PRECISION": "quantized"},
+        "blend": {"BENTOML_HOME": str(blend_store(workdir / "bentoml-blend"))} if "blend" in variants else {},
+    }
+    numbers: dict[str, Any] = {"service_workers": settings.service_workers, "miss_users_c1": len(users_c1),
+                               "miss_users_c8": len(users_c8)}
+    for variant in variants:
+        if variant == "quantized" and not has_quantized_ranker():
+            log.warning("the ranker in the store has no %s: no quantized_* keys", QUANTIZED_FILE)
+            numbers["quantized_available"] = False
+            continue
+        with service(settings, envs[variant], workdir / f"serve-{variant}.log") as base:
+            if "healthz_p50_ms_c1" not in numbers:
+                floor = asyncio.run(_floor(base, 1000))
+                numbers["healthz_p50_ms_c1"], numbers["healthz_p99_ms_c1"] = (
+                    float(np.percentile(floor, q)) for q in (50, 99))
+            found = measure(base, client, users_c1, users_c8)
+        numbers.update({f"{variant}_{k}": v for k, v in found.items()})
+        log.info("%s: miss p50 %.2f p99 %.2f ms (c1), %.0f rps (c8) | hit p99 %.2f ms, ratio %.3f | scoring mean %s "
+                 "p99 %s ms | %s", variant, found["miss_p50_ms_c1"], found["miss_p99_ms_c1"], found["miss_rps_c8"],
+                 found["hit_p99_ms_c1"], found["hit_ratio"], found["scoring_mean_ms"], found["scoring_p99_ms"],
+                 found["model_versions"])
     return numbers
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--miss-c1", type=int, default=1000, help="Cache-miss requests at concurrency 1 (and hits).")
+    parser.add_argument("--miss-c8", type=int, default=1200, help="Cache-miss requests at concurrency 8.")
+    parser.add_argument("--variants", nargs="+", default=["ranker", "quantized", "blend"],
+                        choices=["ranker", "quantized", "blend"])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Write serving.json/.md here instead of benchmarks/results/ (smoke runs).")
+    args = parser.parse_args()
     configure_logging()
-    numbers = run(load_settings())
-    rows = [(k, f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in numbers.items()]
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-serving-") as tmp:
+        numbers = run(load_settings(), args.miss_c1, args.miss_c8, args.variants, Path(tmp))
+    rows = [(k, f"{v:.2f}" if isinstance(v, float) else json.dumps(v) if isinstance(v, list) else str(v))
+            for k, v in numbers.items()]
     path = write_results("serving", {k: round(v, 3) if isinstance(v, float) else v for k, v in numbers.items()},
-                         rows, notes="Closed loop on loopback; the generator shares the machine with the service. "
-                                     "stage_mean_ms_* are the service's own per-stage means over the c1 miss phase; "
-                                     "healthz_* is GET /healthz with one client, this machine's HTTP floor.")
+                         rows, folder=args.out,
+                         notes="Each variant in its own `bentoml serve` (one worker), started by the benchmark and "
+                               "measured alone; closed loop on loopback, the generator sharing the machine. "
+                               "ranker = full precision, quantized = the int8 TFLite variant, blend = no ranker in "
+                               "the model store. *_scoring_* and *_stage_mean_ms_* are the service's own /metrics "
+                               "over the c1 miss phase (p99 interpolated within its histogram bucket); *_hit_ratio "
+                               "is the share of hit-phase answers flagged cached; healthz_* is the HTTP floor.")
     log.info("wrote %s", path)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,8 +2,9 @@
 
 Local stack -> synthetic canonical data -> dataset registered in MLflow -> offline feature
 snapshots, `feast apply`, materialize into Redis -> a slice of the clickstream through Kafka and
-the stream consumer -> Spark ALS, embeddings, the FAISS index (and the ranker with ``--ranker``)
-in MLflow and the BentoML store -> `bentoml serve` and a few answers.
+the stream consumer -> Spark ALS, embeddings, the FAISS index and the TensorFlow ranker (unless
+``--no-ranker``) in MLflow and the BentoML store -> `bentoml serve` and a few answers, with the
+model versions that computed them. Every step prints its elapsed seconds.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import pyarrow.dataset as pads
 import typer
@@ -24,9 +29,16 @@ from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
 
+if TYPE_CHECKING:
+    from models.ranker.job import RankerTrainResult
+
 log = logging.getLogger(__name__)
 
 DEMO_REPLAY_EVENTS = 2_000
+#: One fit where ``recsys train ranker`` fits 5 folds (which bag the fold models and pick the ALS
+#: blend on held-out label users): the folds are most of the ranker's fit time, and the demo has
+#: a time budget on 2 cores. The data (label users, examples) and the epochs are the defaults.
+DEMO_CV_FOLDS = 1
 
 
 def step_stack(settings: Settings) -> None:
@@ -141,9 +153,10 @@ def step_stream(settings: Settings) -> None:
     typer.echo("  trending: " + (", ".join(f"item {i} ({n:.0f})" for i, n in top) or "nothing in the window"))
 
 
-def step_train(settings: Settings, ranker: bool = False) -> None:
-    """Spark ALS on the cleaned events -> embeddings offline and online -> FAISS index -> MLflow
-    and the BentoML model store (what the service loads)."""
+def step_train(settings: Settings, ranker: bool = True) -> None:
+    """Spark ALS on the cleaned events -> embeddings offline and online -> FAISS index -> the
+    TensorFlow ranker (unless ``ranker`` is False) -> MLflow and the BentoML model store (what the
+    service loads)."""
     from models.train import build_index, train_als
     from pipelines import feature_store as fs
 
@@ -155,27 +168,38 @@ def step_train(settings: Settings, ranker: bool = False) -> None:
     index = build_index(settings)
     typer.echo(f"  FAISS index saved to the BentoML store as {index.bento_tag}")
     if ranker:
-        typer.echo(f"  ranker: {_ranker_step(settings)}")
+        typer.echo("  ranker: point-in-time frames from Feast, TensorFlow fit (as `recsys train ranker`) ...")
+        typer.echo(f"  ranker: {ranker_summary(train_demo_ranker(settings))}")
     else:
-        typer.echo("  ranker: skipped (add --ranker, or run `recsys train ranker`): the service blends the "
-                   "strategies' scores without it")
+        typer.echo("  ranker: skipped (--no-ranker): the service serves the ranker already in the BentoML store if "
+                   "there is one (`recsys train ranker`), else it blends the strategies' scores")
 
 
-def _ranker_step(settings: Settings) -> str:
-    """The TensorFlow ranker on point-in-time frames from Feast, to MLflow and the BentoML store;
-    returns a one-line summary."""
+def train_demo_ranker(settings: Settings) -> RankerTrainResult:
+    """The TensorFlow ranker as ``recsys train ranker`` trains it (the same label users, examples
+    and epochs), with one fit instead of its cross-validated folds (:data:`DEMO_CV_FOLDS`), to
+    MLflow and the BentoML store. The summary line says what was used, in numbers."""
     from models.ranker import RankerConfig
     from models.ranker.job import train_ranker
 
-    # one fit, no cross-validation: the demo shows the pipeline, the evaluation measures it
-    result = train_ranker(settings, RankerConfig(epochs=2, cv_folds=1), progress=False)
-    return (f"{result.training.fit.rows:,} rows on {result.training.fit.device}, MLflow run {result.run_id}, "
-            f"BentoML model {result.bento_tag}")
+    return train_ranker(settings, RankerConfig(cv_folds=DEMO_CV_FOLDS), progress=False)
+
+
+def ranker_summary(result: RankerTrainResult) -> str:
+    """One line: rows, label users, device, the configuration used (numbers), MLflow run, BentoML tag."""
+    from models.ranker.job import describe_configuration
+
+    fit = result.training.fit
+    return (f"{fit.rows:,} rows ({fit.positives:,} positive) on {fit.device} in {result.seconds['ranker_s']:.0f} s; "
+            f"{describe_configuration(result)}; MLflow run {result.run_id}, BentoML model {result.bento_tag}")
 
 
 def step_serve(settings: Settings) -> None:
-    """(Re)start `bentoml serve` with the models just trained, and answer a few requests."""
+    """(Re)start `bentoml serve` with the models just trained, and answer a few requests with the
+    model versions that computed them."""
     import urllib.request
+
+    import redis
 
     stack = LocalStack(settings)
     stack.down(["service"])  # pick up the new models
@@ -190,40 +214,69 @@ def step_serve(settings: Settings) -> None:
 
     events = pads.dataset(settings.dataset_path / "events").to_table(columns=[S.COL_USER]).column(0).to_pandas()
     user = int(events.value_counts().index[len(events.value_counts()) // 2])  # an ordinary active user
-    samples = [
+    samples: list[tuple[str, dict]] = [
         ("/recommend", {"user_id": user, "k": 5, "context": {"device": "mobile"}}),
         ("/recommend", {"user_id": 10_000_000, "k": 5, "context": {"categories": [3, 7]}}),
         ("/similar_items", {"item_id": 1, "k": 5}),
     ]
+    # an answer cached by an earlier run carries that run's model versions: drop it, so the first
+    # answer is computed by the models just loaded
+    redis.Redis.from_url(settings.effective_redis_url).delete(S.recs_cache_key(user))
+    served: dict[str, str] = {}
     for path, body in samples:
         reply = post(path, body)
         items = ", ".join(f"{i['item_id']} ({i['strategy']}, {i['score']:.2f})" for i in reply["items"])
         flags = f" cold_start={reply['cold_start']} degraded={reply['degraded']}" if "cold_start" in reply else ""
         typer.echo(f"  POST {path} {json.dumps(body)}\n    ->{flags} items: {items}")
+        if reply.get("degraded_reasons"):
+            typer.echo(f"    degraded because: {', '.join(reply['degraded_reasons'])}")
+        if "model_versions" in reply:
+            typer.echo(f"    model_versions: {json.dumps(reply['model_versions'], sort_keys=True)}")
+            served = served or reply["model_versions"]
+    ranker = served.get("ranker", "absent")
+    typer.echo(f"  the ranker scoring these answers: {ranker}" if ranker != "absent" else
+               "  no ranker served: the answers blend the strategies' scores (run `recsys train ranker`, or the "
+               "demo without --no-ranker)")
     reply = post("/events", {"user_id": user, "item_id": 1, "event_type": "VIEW"},
                  key=settings.api_key.get_secret_value())
     typer.echo(f"  POST /events (with X-API-Key) -> {reply['status']}, event_id {reply['event_id']}")
 
 
-def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000, ranker: bool = False) -> None:
-    steps = 7
-    typer.secho(f"[1/{steps}] local stack", bold=True)
-    step_stack(settings)
-    typer.secho(f"[2/{steps}] synthetic data", bold=True)
-    manifest = step_data(settings, n_users, n_items)
-    typer.echo(f"  reference time (the platform's now): {reference_time(settings.dataset_path, settings.as_of)}")
-    typer.secho(f"[3/{steps}] dataset into MLflow", bold=True)
-    step_register_dataset(settings, manifest)
-    typer.secho(f"[4/{steps}] features: Spark snapshots, feast apply, materialize to Redis", bold=True)
-    step_features(settings)
-    typer.secho(f"[5/{steps}] clickstream: Kafka -> stream consumer -> real-time features", bold=True)
-    step_replay_tail(settings)
-    step_stream(settings)
-    typer.secho(f"[6/{steps}] training: Spark ALS, FAISS index, MLflow, BentoML model store", bold=True)
-    step_train(settings, ranker)
-    typer.secho(f"[7/{steps}] serving: bentoml serve on port {settings.service_port}, sample requests", bold=True)
-    step_serve(settings)
-    typer.secho("\nDone. Where to look next:", bold=True, fg=typer.colors.GREEN)
+@contextmanager
+def timed_step(number: int, total: int, title: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Print the step's header, run it, print and record (in ``seconds``) its elapsed seconds."""
+    typer.secho(f"[{number}/{total}] {title}", bold=True)
+    started = time.perf_counter()
+    yield
+    seconds[f"{number}. {title.split(':')[0]}"] = elapsed = time.perf_counter() - started
+    typer.echo(f"  ({elapsed:.1f} s)")
+
+
+def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000, ranker: bool = True) -> dict[str, float]:
+    """Run the demo's steps in order; returns the elapsed seconds of each step."""
+    steps, seconds = 7, dict[str, float]()
+    started = time.perf_counter()
+    with timed_step(1, steps, "local stack", seconds):
+        step_stack(settings)
+    with timed_step(2, steps, "synthetic data", seconds):
+        manifest = step_data(settings, n_users, n_items)
+        typer.echo(f"  reference time (the platform's now): {reference_time(settings.dataset_path, settings.as_of)}")
+    with timed_step(3, steps, "dataset into MLflow", seconds):
+        step_register_dataset(settings, manifest)
+    with timed_step(4, steps, "features: Spark snapshots, feast apply, materialize to Redis", seconds):
+        step_features(settings)
+    with timed_step(5, steps, "clickstream: Kafka -> stream consumer -> real-time features", seconds):
+        step_replay_tail(settings)
+        step_stream(settings)
+    training = "Spark ALS, FAISS index" + (", TensorFlow ranker" if ranker else "") + ", MLflow, BentoML model store"
+    with timed_step(6, steps, f"training: {training}", seconds):
+        step_train(settings, ranker)
+    with timed_step(7, steps, f"serving: bentoml serve on port {settings.service_port}, sample requests", seconds):
+        step_serve(settings)
+    total = time.perf_counter() - started
+    typer.secho(f"\nDone in {total / 60:.1f} min: " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()),
+                bold=True, fg=typer.colors.GREEN)
+    typer.secho("Where to look next:", bold=True, fg=typer.colors.GREEN)
     typer.echo(f"  service:   http://127.0.0.1:{settings.service_port}  (POST /recommend, /similar_items; "
                "GET /metrics, /readyz)")
     typer.echo(f"  data:      {settings.dataset_path}  (recsys data info)")
@@ -233,3 +286,4 @@ def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000, ra
     typer.echo(f"  services:  recsys stack status   (logs in {settings.run_path})")
     typer.echo("The stack and the service keep running. Stop them with: make down   "
                "(or: .venv/bin/recsys stack down)")
+    return seconds

@@ -199,9 +199,13 @@ def demo(
     ctx: typer.Context,
     users: Annotated[int, typer.Option(min=1, help="Synthetic users.")] = 10_000,
     items: Annotated[int, typer.Option(min=1, help="Synthetic items.")] = 5_000,
-    ranker: Annotated[bool, typer.Option(help="Also train the TensorFlow ranker (several more minutes).")] = False,
+    ranker: Annotated[bool, typer.Option(
+        "--ranker/--no-ranker",
+        help="Train the TensorFlow ranker the service scores with (--no-ranker: skip it, the service "
+             "serves the ranker already in the BentoML store, or blends the strategies without one).")] = True,
 ) -> None:
-    """The main job, end to end on the synthetic default: stack up, data, and what to look at next."""
+    """The main job, end to end on the synthetic default: stack up, data, features, stream, ALS, the
+    FAISS index and the TensorFlow ranker, the service, and what to look at next."""
     from recsys.cli.demo import run_demo
 
     try:

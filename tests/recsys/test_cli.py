@@ -66,3 +66,66 @@ def test_info_without_data_says_what_to_run(tmp_path: Path) -> None:
 def test_generate_rejects_bad_sizes(tmp_path: Path) -> None:
     result = recsys("data", "generate", "--users", "0", env={"RECSYS_DATA_DIR": str(tmp_path)})
     assert result.returncode == 2 and "--users" in result.stderr
+
+
+# ---- the demo: its ranker flag, step timings and ranker summary (pure logic) -------------------
+
+
+def test_demo_help_shows_the_ranker_on_by_default() -> None:
+    result = recsys("demo", "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "--ranker" in result.stdout and "--no-ranker" in result.stdout
+    assert "[default: ranker]" in result.stdout
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--ranker"], True), (["--no-ranker"], False)])
+def test_demo_trains_the_ranker_unless_no_ranker(flags: list[str], expected: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # the flag's parsing only: run_demo (the whole stack) is replaced by a recorder
+    from typer.testing import CliRunner
+
+    import recsys.cli.demo as demo
+    from recsys.cli.main import app
+
+    calls: list[dict] = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings, **kwargs: calls.append(kwargs))
+    result = CliRunner().invoke(app, ["demo", *flags])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"n_users": 10_000, "n_items": 5_000, "ranker": expected}]
+
+
+def test_timed_step_prints_and_records_its_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    from recsys.cli.demo import timed_step
+
+    seconds: dict[str, float] = {}
+    with timed_step(6, 7, "training: Spark ALS, FAISS index", seconds):
+        pass
+    out = capsys.readouterr().out
+    assert out.startswith("[6/7] training: Spark ALS, FAISS index\n")
+    assert list(seconds) == ["6. training"] and seconds["6. training"] >= 0.0
+    assert out.endswith(f"  ({seconds['6. training']:.1f} s)\n")
+
+
+def test_ranker_summary_names_rows_device_configuration_run_and_tag(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from models.ranker.config import RankerConfig
+    from models.ranker.examples import ExampleConfig
+    from models.ranker.fit import FitResult
+    from models.ranker.job import RankerTrainResult
+    from models.ranker.training import RankerTraining
+    from recsys.cli.demo import ranker_summary
+
+    def result(config: RankerConfig, examples: ExampleConfig) -> RankerTrainResult:
+        fit = FitResult(None, None, config, {}, "CPU", 202_120, 1_661)
+        training = RankerTraining(fit, None, None, label_users=[(2_000, 3_932)])  # type: ignore[arg-type]
+        return RankerTrainResult(training, tmp_path, datetime(2026, 11, 1, tzinfo=timezone.utc), run_id="abc123",
+                                 bento_tag="ranker:xyz", seconds={"ranker_s": 181.4}, examples=examples)
+
+    line = ranker_summary(result(RankerConfig(cv_folds=1), ExampleConfig()))
+    assert line == ("202,120 rows (1,661 positive) on CPU in 181 s; 2,000 of 3,932 label users (cap 2,000), 8 epochs, "
+                    "1 cv fold, 150 hard + 10 random negatives per user; differs from `recsys train ranker`'s "
+                    "defaults: cv folds 1 (default 5); MLflow run abc123, BentoML model ranker:xyz")
+    defaults = ranker_summary(result(RankerConfig(), ExampleConfig()))
+    assert "8 epochs, 5 cv folds" in defaults and defaults.endswith(
+        "; `recsys train ranker`'s defaults; MLflow run abc123, BentoML model ranker:xyz")
