@@ -128,7 +128,7 @@ def test_the_budget_is_measured_at_start_up(feature_ws: Settings, index_dir: Pat
     engine = build_engine(feature_ws, index_dir, scorer=scorer, config=ServingConfig(ranker_warmup_calls=5))
     try:
         budget = engine.scoring.budget
-        assert scorer.calls == 1 + 5  # one untimed warm-up call, then the timed ones
+        assert scorer.calls == 2 + 5  # one untimed warm-up call on each of the 2 ranker threads, then 5 timed
         assert budget.source == "measured"
         assert budget.p99_ms is not None and budget.p99_ms >= 2.0  # each call sleeps 2 ms at least
         assert budget.ms == pytest.approx(max(25.0, budget.p99_ms * 3.0))

@@ -91,7 +91,7 @@ def test_online_features_equal_the_fold(streamed: tuple[Settings, Any]) -> None:
     assert redis.Redis.from_url(settings.effective_redis_url).exists(recs_cache_key(1)) == 0
     # the purchased sets serving reads: user 9 bought 4 and 5 (hand_events); the others as the fold says
     assert purchased_sets(settings, users) == reference_purchased(CANONICAL_EVENTS)
-    assert purchased_sets(settings, [HAND_USER]) == {HAND_USER: {4, 5}}
+    assert purchased_sets(settings, [HAND_USER]) == {HAND_USER: {4, 5, 7, 8}}  # bought 4, 5; rated 7, 8
 
 
 def test_offline_log_holds_what_serving_saw(streamed: tuple[Settings, Any]) -> None:
@@ -196,7 +196,7 @@ def test_backfill_agrees_with_the_stream(streamed: tuple[Settings, Any], ws: Set
     assert len(offline_rows(settings, users)) == len(rows)
     assert result.seeded == 5
     assert purchased_sets(seeded, users) == purchased_sets(settings, users) == reference_purchased(CANONICAL_EVENTS)
-    assert purchased_sets(seeded, [HAND_USER]) == {HAND_USER: {4, 5}}
+    assert purchased_sets(seeded, [HAND_USER]) == {HAND_USER: {4, 5, 7, 8}}  # bought 4, 5; rated 7, 8
 
 
 BUYER, BOUNDED = 31, 32

@@ -13,12 +13,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from pipelines.stack import free_port
 from recsys.config import Settings
+from recsys.schema import recs_cache_key
 from tests.support.settings import REPO
 
 API_KEY = "test-key-123"
@@ -52,9 +55,23 @@ def service_env(settings: Settings, bentoml_home: Path, **extra: str) -> dict[st
             "RECSYS_API_KEY": API_KEY, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True", **extra}
 
 
+def clear_cached_answers(redis_url: str) -> int:
+    """Delete every cached answer (``recs:*``) in the Redis at ``redis_url``; returns how many.
+    The test modules share one Redis, and a cached answer keeps the model versions that computed
+    it: without this, a server would answer from another module's models."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=recs_cache_key(0).replace("0", "*"), count=1_000))
+    return int(client.delete(*keys)) if keys else 0
+
+
 @contextmanager
 def serve(env: dict[str, str], log: Path) -> Iterator[Server]:
+    """A `bentoml serve` with ``env`` on a free port, ready; it starts and ends with no cached
+    answer in its Redis (:func:`clear_cached_answers`)."""
     port = free_port()
+    clear_cached_answers(env["REDIS_URL"])
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "bentos.service:Recommender",
                                  "--port", str(port), "--host", "127.0.0.1"],
@@ -80,3 +97,5 @@ def serve(env: dict[str, str], log: Path) -> Iterator[Server]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        with suppress(OSError, RedisConnectionError):  # a test may end with its Redis stopped
+            clear_cached_answers(env["REDIS_URL"])

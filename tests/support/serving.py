@@ -66,11 +66,13 @@ class SleepScorer:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self._lock = threading.Lock()  # calls come from several ranker threads at once
         self.calls = 0
 
     def score(self, user: Mapping[str, Any], items: Mapping[str, Sequence[Any]], item_ids: np.ndarray,
               strategy_scores: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
-        self.calls += 1
+        with self._lock:
+            self.calls += 1
         time.sleep(self.seconds)
         return np.zeros(len(item_ids))
 

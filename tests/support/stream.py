@@ -66,7 +66,8 @@ def clickstream(users: tuple[int, ...], per_user: int, seed: int, prefix: str) -
 def hand_events() -> list[dict[str, Any]]:
     """User 9, worked out by hand (category = (item - 1) // 3):
     VIEW 1 (t0), CLICK 2 (t1), PURCHASE 4 (t2, cat 1), RATING 7 = 5 (t3, cat 2), RATING 8 = 2 (t4: counts
-    only), VIEW 1 again (t5: moves to the end), PURCHASE 5 (t6, cat 1)."""
+    only), VIEW 1 again (t5: moves to the end), PURCHASE 5 (t6, cat 1). Items the user has (never
+    recommended): 4 and 5 bought, 7 and 8 rated."""
     steps = [("VIEW", 1, None), ("CLICK", 2, None), ("PURCHASE", 4, None), ("RATING", 7, 5.0), ("RATING", 8, 2.0),
              ("VIEW", 1, None), ("PURCHASE", 5, None)]
     return [{S.COL_EVENT_ID: f"h{i}", S.COL_USER: HAND_USER, S.COL_ITEM: item, S.COL_EVENT_TYPE: etype,
