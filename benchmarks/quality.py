@@ -1,7 +1,8 @@
 """Benchmark: recommendation quality on ML-100K under the one protocol (models.protocol).
 
 Run: ``python -m benchmarks.quality`` -> ``benchmarks/results/quality.json`` (popularity_*, als_*,
-two_stage_* (ALS candidates re-ranked by the TensorFlow ranker), served_* (the service's own engine:
+two_stage_* (ALS candidates re-ranked by the TensorFlow ranker), quantized_* (the same lists re-ranked
+by the ranker's int8 variant), served_* (the service's own engine:
 bentos.evaluation; it needs Redis, `recsys stack up`): accuracy and the beyond-accuracy
 measures coverage@10, novelty@10, ild@10 and arp@10, plus the whole evaluation report),
 ``quality.md`` (a table), ``quality.png`` (ndcg@k for k = 1..20) and ``quality_beyond.png``
@@ -24,7 +25,7 @@ from recsys.logs import configure_logging
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("popularity", "als", "two_stage", "served")
+MODELS = ("popularity", "als", "two_stage", "quantized", "served")
 ACCURACY = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 #: Beyond-accuracy measures of the same top-10 lists (models.beyond_accuracy), with axis labels.
 BEYOND = {"coverage@10": "catalogue coverage@10", "novelty@10": "novelty@10 (bits)",
@@ -131,8 +132,8 @@ def main() -> None:
     numbers: dict[str, Any] = {f"{name}_{m}": report.get(f"{name}_{m}") for name in MODELS for m in METRICS}
     numbers["als_hyperparameters"] = report["hyperparameters"]["als"]
     numbers["tuned"] = report["hyperparameters"]["tuned"]
-    numbers["ndcg_curves"] = {name: (report["models"][name] or {}).get("ndcg_curve") for name in MODELS}
-    numbers["slices"] = {name: (report["models"][name] or {}).get("slices") for name in MODELS}
+    numbers["ndcg_curves"] = {name: (report["models"].get(name) or {}).get("ndcg_curve") for name in MODELS}
+    numbers["slices"] = {name: (report["models"].get(name) or {}).get("slices") for name in MODELS}
     numbers["served_serving"] = (report["models"]["served"] or {}).get("serving")  # how answers became lists
     numbers["timings"] = report["timings"]
     numbers["report"] = report  # the whole `recsys evaluate` report, for anything not above
@@ -146,7 +147,8 @@ def main() -> None:
              f"Protocol: docs/training.md. Full report: quality.json, key `report`; "
              f"ndcg@k curves: {plot.name}; ndcg@10 against the beyond-accuracy measures "
              f"(defined in docs/training.md): {beyond_plot.name}. two_stage: the ALS candidates (models.retrieval) "
-             f"re-ranked by the TensorFlow ranker (models.ranker.two_stage). served: the service's engine "
+             f"re-ranked by the TensorFlow ranker (models.ranker.two_stage); quantized: the same lists re-ranked by its "
+             f"int8 variant. served: the service's engine "
              f"(candidate strategies, ranker, business rules, diversification) on the same users, seeded "
              f"from training events only (bentos.evaluation; counts in `served_serving`). "
              f"Total {report['timings']['total_s']}s on this machine.")

@@ -57,6 +57,8 @@ LAYOUTS = ("auto", "ml-100k", "ml-csv", "canonical")
 HEADLINE = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10", "novelty@10", "ild@10", "arp@10")
 TWO_STAGE = "two_stage"
 SERVED = "served"
+#: the two-stage lists re-ranked by the ranker's int8 variant (models.ranker.export), when it has one
+QUANTIZED = "quantized"
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -171,12 +173,15 @@ def run_evaluation(
             factors = fit_als(clean_train.interactions, best, clean_train.reference_time)
         with timer("evaluate"):
             models = score_models(spark, split, factors, cfg)
-        models[TWO_STAGE] = models[SERVED] = None  # filled by the steps passed in (and their *_ keys)
+        models[TWO_STAGE] = models[QUANTIZED] = models[SERVED] = None  # filled by the steps passed in
         context = EvalContext(spark, ws_settings, dataset_dir, split.train, split.test, split.train_rows,
                               split.eval_set, validation.eval_set, cleaning, best, factors, clean_train.reference_time)
         if two_stage is not None:
             with timer("two_stage"):
                 models[TWO_STAGE] = evaluate_top_k(split.eval_set, two_stage(context), cfg.ks, cfg.curve_to,
+                                                   item_vectors_of(factors, catalogue))
+            if context.quantized_ranked is not None:  # the ranker's int8 variant on the same lists
+                models[QUANTIZED] = evaluate_top_k(split.eval_set, context.quantized_ranked, cfg.ks, cfg.curve_to,
                                                    item_vectors_of(factors, catalogue))
         if served is not None:
             with timer("served"):
@@ -189,6 +194,7 @@ def run_evaluation(
             **_headline("popularity", models["popularity"]),
             **_headline("als", models["als"]),
             **_headline(TWO_STAGE, models[TWO_STAGE]),  # None until the ranker fills them
+            **_headline(QUANTIZED, models[QUANTIZED]),
             **_headline(SERVED, models[SERVED]),
             "dataset": {"path": str(data), "source": manifest.source, "events": manifest.events,
                         "users": manifest.users, "items": manifest.items,
@@ -248,7 +254,7 @@ def _track(settings: Settings, ws: Path, report: dict[str, Any], factors: Factor
     params = {**best.params(), **{f"cleaning_{k}": v for k, v in _cleaning_params(cleaning).items()},
               "test_fraction": cfg.test_fraction, "tuned": cfg.grid is not None}
     metrics = {k: v for k, v in report.items()
-               if k.startswith(("popularity_", "als_", f"{TWO_STAGE}_", f"{SERVED}_")) and v is not None}
+               if k.startswith(("popularity_", "als_", f"{TWO_STAGE}_", f"{QUANTIZED}_", f"{SERVED}_")) and v is not None}
     artifacts = (ws / "mlartifacts").resolve().as_uri()  # a local store's artifacts stay in the workspace
     run = log_training_run(
         settings.effective_mlflow_uri, EVALUATION_EXPERIMENT, f"evaluate-{settings.dataset}", params, metrics,

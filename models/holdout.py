@@ -70,6 +70,9 @@ class EvalContext:
     #: and the exported ranker's folder. None until a two-stage step ran.
     feature_settings: Settings | None = None
     ranker_dir: Path | None = None
+    #: The two-stage lists re-ranked by the ranker's int8 variant (same candidates and frame):
+    #: the report's ``quantized_*`` row. None when the export has no int8 variant.
+    quantized_ranked: np.ndarray | None = None
 
 
 #: Returns ranked catalogue columns (``eval_set.users`` x at least max(ks), -1 padded).

@@ -18,8 +18,8 @@ from models.als import Popularity
 from models.protocol import rank_with
 from models.ranker.config import RankerConfig
 from models.ranker.examples import ONE_US, ExampleConfig, candidate_rows, feature_frame, first_times, item_stats
-from models.ranker.export import export_ranker
-from models.ranker.scorer import load_scorer
+from models.ranker.export import QUANTIZED_FILE, export_ranker
+from models.ranker.scorer import RankerScorer, load_scorer
 from models.ranker.training import train_ranker_on
 from models.retrieval import RetrievalIndex, generate_candidates_batch, history
 from recsys import schema as S
@@ -140,4 +140,8 @@ def two_stage(ctx: EvalContext, config: RankerConfig | None = None, examples: Ex
     test_time = first_times(ctx.test.filter(F.col(S.COL_USER).isin([int(u) for u in users])))
     frame = feature_frame(candidate_rows(candidates, test_time), fsettings, ctx.factors, ex.feature_service, stats)
     ctx.feature_settings, ctx.ranker_dir = fsettings, folder  # the served step reuses both
-    return rerank(scorer, frame, users, catalogue, als_fallback(ctx, depth), depth, progress)
+    fallback = als_fallback(ctx, depth)
+    if (folder / QUANTIZED_FILE).is_file():  # the int8 variant on the very same lists: its ndcg cost
+        ctx.quantized_ranked = rerank(RankerScorer(folder, "quantized"), frame, users, catalogue, fallback, depth,
+                                      progress)
+    return rerank(scorer, frame, users, catalogue, fallback, depth, progress)
