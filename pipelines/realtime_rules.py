@@ -54,7 +54,7 @@ _ITEM_TYPES = frozenset({S.EventType.VIEW.value, S.EventType.CLICK.value})
 _PURCHASE = S.EventType.PURCHASE.value
 _RATING = S.EventType.RATING.value
 #: Events that mean the user has the item (bought it, or rated it: watched, read): never recommended again.
-_CONSUMED = frozenset({_PURCHASE, _RATING})
+CONSUMED_TYPES = frozenset({_PURCHASE, _RATING})
 _MIN_US = -(2**63)
 
 #: Names of the feature columns, in the offline table's order.
@@ -133,7 +133,7 @@ class UserState:
             self._touch_item(e.item_id, e.ts_us, e.event_id)
         if e.event_type == _PURCHASE:
             self.purchases += 1
-        if e.event_type in _CONSUMED:
+        if e.event_type in CONSUMED_TYPES:
             self._touch_bought(e.item_id, e.ts_us, purchased_max)
         if (e.event_type == _PURCHASE or positive_rating) and e.category is not None:
             self._touch_category(e.category, e.ts_us, e.event_id)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipelines import trending
-from pipelines.realtime_rules import PURCHASED_MAX, DedupeWindow, Event, Outcome, UserState
+from pipelines.realtime_rules import CONSUMED_TYPES, PURCHASED_MAX, DedupeWindow, Event, Outcome, UserState
 from pipelines.stream.activity import ACTIVITY_RETENTION_S, ActivityCounts, count_event, drop_expired
 from pipelines.stream.catalogue import ItemCatalogue
 from pipelines.stream.online_writer import Row, state_row
@@ -88,7 +88,7 @@ class BatchFolder:
         watermark = self.watermark_us
         for user, js in groups.items():
             state = states[user]
-            before, purchases = state.count, state.purchases
+            before, consumed = state.count, False
             for j in js:
                 value = values[j]
                 cat = cats[j]
@@ -98,6 +98,7 @@ class BatchFolder:
                 if outcome is Outcome.APPLIED:
                     applied += 1
                     count_event(activity, user, event.ts_us)
+                    consumed = consumed or event.event_type in CONSUMED_TYPES
                     if watermark is None or event.ts_us > watermark:
                         watermark = event.ts_us
                     if event.event_type in _TRENDING:
@@ -109,7 +110,7 @@ class BatchFolder:
             if state.count != before:
                 state.trim(window)
                 changed[user] = state
-                if state.purchases != purchases:
+                if consumed:  # a PURCHASE or a RATING: the user's purchased-item set is rewritten
                     bought.append(user)
         self.watermark_us = watermark
         if watermark is not None and counts:  # a replay of history: minutes already out of the window

@@ -199,15 +199,17 @@ def test_backfill_agrees_with_the_stream(streamed: tuple[Settings, Any], ws: Set
     assert purchased_sets(seeded, [HAND_USER]) == {HAND_USER: {4, 5, 7, 8}}  # bought 4, 5; rated 7, 8
 
 
-BUYER, BOUNDED = 31, 32
+BUYER, BOUNDED, RATER = 31, 32, 33
 
 
 def purchase_events() -> list[dict[str, Any]]:
-    """User 31: PURCHASE 3 (t0), VIEW 5 (t1), PURCHASE 7 (t2). User 32: PURCHASE 3, 7, 9 (t0..t2)."""
+    """User 31: PURCHASE 3 (t0), VIEW 5 (t1), PURCHASE 7 (t2). User 32: PURCHASE 3, 7, 9 (t0..t2).
+    User 33: only a RATING of 5 (a low one, 2.0: the film was watched all the same)."""
     steps = [(BUYER, "PURCHASE", 3), (BUYER, "VIEW", 5), (BUYER, "PURCHASE", 7),
-             (BOUNDED, "PURCHASE", 3), (BOUNDED, "PURCHASE", 7), (BOUNDED, "PURCHASE", 9)]
+             (BOUNDED, "PURCHASE", 3), (BOUNDED, "PURCHASE", 7), (BOUNDED, "PURCHASE", 9), (RATER, "RATING", 5)]
     return [{S.COL_EVENT_ID: f"b{i}", S.COL_USER: user, S.COL_ITEM: item, S.COL_EVENT_TYPE: etype,
-             S.COL_VALUE: None, S.COL_TS: END - timedelta(minutes=10) + timedelta(seconds=10 * (i % 3)),
+             S.COL_VALUE: 2.0 if etype == "RATING" else None,
+             S.COL_TS: END - timedelta(minutes=10) + timedelta(seconds=10 * (i % 3)),
              S.COL_SESSION: None, S.COL_CONTEXT: None} for i, (user, etype, item) in enumerate(steps)]
 
 
@@ -218,13 +220,14 @@ def test_stream_keeps_the_latest_purchases_and_a_redelivery_changes_nothing(ws: 
     events = purchase_events()
     produce(settings, events)
     stats = run_stream(settings, purchased_max=2)
-    assert (stats.applied, stats.duplicates) == (6, 0)
-    # 31: the VIEW of 5 is not a purchase -> {3, 7}; 32: bound 2, so its oldest purchase (3) falls out
-    assert purchased_sets(settings, [BUYER, BOUNDED]) == {BUYER: {3, 7}, BOUNDED: {7, 9}}
+    assert (stats.applied, stats.duplicates) == (7, 0)
+    # 31: the VIEW of 5 is not a purchase -> {3, 7}; 32: bound 2, so its oldest purchase (3) falls
+    # out; 33: a batch with a RATING only still writes the set -> {5}
+    assert purchased_sets(settings, [BUYER, BOUNDED, RATER]) == {BUYER: {3, 7}, BOUNDED: {7, 9}, RATER: {5}}
     assert client.exists(recs_cache_key(BUYER)) == 0  # the stale answer is gone with the purchase
     produce(settings, events)  # the same events again, at new offsets (a producer's retry)
     stats = run_stream(settings, purchased_max=2)
-    assert (stats.applied, stats.duplicates) == (0, 6)
+    assert (stats.applied, stats.duplicates) == (0, 7)
     # PURCHASE 3 of user 32 again is a duplicate: it does not come back
     assert purchased_sets(settings, [BUYER, BOUNDED]) == {BUYER: {3, 7}, BOUNDED: {7, 9}}
 
