@@ -6,6 +6,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two pytest workers, each taking whole modules (module fixtures such as a served model start
+# once): much of the suite waits on real servers, Kafka and subprocesses, so two workers on two
+# cores finish well before one. Each worker starts its own isolated stack. XDIST= runs serially.
+XDIST ?= -n 2 --dist loadfile
 
 .PHONY: install demo test test-slow down up status bench clean help
 
@@ -34,7 +38,7 @@ demo: install
 # pytest exits 5 when it collects nothing: that is not a failure of the code under test
 test: install
 	$(BIN)/lint-imports --no-logo
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # the long quality check alone: the two-stage ML-100K evaluation (make test runs it too)

@@ -24,6 +24,9 @@ from bentos.breaker import RedisBreaker
 from bentos.metrics import METRICS
 from recsys.schema import recs_cache_key as cache_key  # one definition: the stream deletes it
 
+#: The ``model_versions`` keys naming the models: a cached answer of other ones is not served.
+MODEL_KEYS = ("index", "ranker")
+
 __all__ = ["AsyncCacheReader", "RecommendationCache", "cache_allowed", "cache_key", "cache_payload"]
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,8 @@ class RecommendationCache:
 
     def from_raw(self, user_id: int, raw: bytes, k: int) -> Recommendation | None:
         """A cache hit: the stored top list (JSON) sliced to k; None if the entry is unreadable
-        (then it is a miss, and the fresh answer overwrites it)."""
+        or was computed by another index or ranker than this engine's (then it is a miss, and the
+        fresh answer overwrites it)."""
         try:
             cached = orjson.loads(raw)
             body = cached if isinstance(cached, dict) else {"items": cached}
@@ -68,9 +72,11 @@ class RecommendationCache:
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             log.warning("unreadable cache entry for user %s (%s): recomputing", user_id, exc)
             return None
+        versions = dict(body.get("model_versions") or self.model_versions)
+        if any(versions.get(key) != self.model_versions.get(key) for key in MODEL_KEYS):
+            return None  # computed by other models (a promotion since): a miss, and overwritten
         METRICS.cache.labels(result="hit").inc()
-        return Recommendation(user_id, items[:k], bool(body.get("cold_start")), False, True,
-                              dict(body.get("model_versions") or self.model_versions))
+        return Recommendation(user_id, items[:k], bool(body.get("cold_start")), False, True, versions)
 
     def write(self, rec: Recommendation) -> None:
         """Store the answer's top list with the TTL, in the pool: off the response path."""

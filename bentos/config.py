@@ -30,6 +30,9 @@ class ServingConfig:
     ranker_timeout_floor_ms: float = 25.0
     ranker_timeout_headroom: float = 3.0
     ranker_warmup_calls: int = 50  # timed calls at start-up, after one untimed (graph building) call
+    #: the longest the start-up may wait for those calls: a model whose first call hangs must not
+    #: keep the service from becoming ready (it serves with the cosine fallback, counted)
+    ranker_warmup_timeout_s: float = 60.0
     #: the ranker's own executor: threads, and calls allowed to wait for one; beyond that a
     #: request skips the ranker at once (cosine fallback, reason "ranker busy")
     ranker_workers: int = 2
@@ -42,6 +45,8 @@ class ServingConfig:
         if self.ranker_timeout_ms is not None and not self.ranker_timeout_ms > 0:
             raise ValueError(f"ranker_timeout_ms={self.ranker_timeout_ms} must be > 0 "
                              "(or None to measure the budget at start-up)")
+        if not self.ranker_warmup_timeout_s > 0:
+            raise ValueError(f"ranker_warmup_timeout_s={self.ranker_warmup_timeout_s} must be > 0")
         if not self.ranker_timeout_floor_ms > 0:
             raise ValueError(f"ranker_timeout_floor_ms={self.ranker_timeout_floor_ms} must be > 0")
         if not self.ranker_timeout_headroom >= 1.0:

@@ -1,6 +1,7 @@
 """Builds the one RecommendationEngine that the service, the precompute job and the evaluation of
-the served pipeline all run: the served models resolved from the BentoML model store
-(:func:`served_models`), the serving configuration from Settings, then :func:`build_engine`."""
+the served pipeline all run: the served models resolved from the BentoML model store (the
+champion, else the latest: :func:`served_models`), the serving configuration from Settings, then
+:func:`build_engine`."""
 
 from __future__ import annotations
 
@@ -33,6 +34,29 @@ NEW_ITEMS_CHANNEL = "recsys:new_items"
 def new_items_log(settings: Settings) -> Path:
     """Items added while serving, one JSON per line: replayed at start-up so a restart keeps them."""
     return settings.data_path / "serving" / settings.dataset / "new_items.jsonl"
+
+
+def record_new_item(settings: Settings, row: Mapping[str, Any]) -> bool:
+    """Persist an item added while serving: a line of :func:`new_items_log` (replayed at start-up)
+    and a row of the dataset's items table (:func:`pipelines.live_log.append_live_item`: idempotent
+    per item id, safe with several workers), which the stream's catalogue reloads, so the item's
+    events are accepted. Returns whether the table has it; a table that cannot be written is
+    logged and the item still served (the log keeps it)."""
+    from pipelines.live_log import append_live_item
+
+    path = new_items_log(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(dict(row), default=str) + "\n")
+    try:
+        written = append_live_item(settings.dataset_path, row)
+    except (OSError, ValueError) as exc:
+        log.warning("item %s is served but not in the items table %s (%s): the stream dead-letters "
+                    "its events until it is", row.get(S.COL_ITEM), settings.dataset_path / "items", exc)
+        return False
+    if written is None:
+        log.info("item %s is already in the dataset's items table", row.get(S.COL_ITEM))
+    return True
 
 
 def redis_client(settings: Settings, timeout_s: float = 0.25) -> redis.Redis:
@@ -84,17 +108,38 @@ def describe_models(index: Any | None, ranker: Any | None) -> ServedModels:
     return ServedModels(folders[0], folders[1], versions)
 
 
+def champion_model(name: str, bentoml_home: Path | None = None) -> Any | None:
+    """The champion's model ``name`` (:mod:`models.champion`: the pointer a promotion writes);
+    the store's latest when no champion was promoted yet, or the champion has no such model. A
+    champion's model missing from the store is absent (logged), never replaced by the latest: an
+    unpromoted challenger is never served."""
+    import bentoml
+
+    from models.champion import champion_tag
+    from models.tracking import get_bentoml_model
+
+    tag = champion_tag(name, bentoml_home)
+    if tag is None:
+        return latest_model(name, bentoml_home)
+    try:
+        return get_bentoml_model(tag, bentoml_home=bentoml_home)
+    except bentoml.exceptions.NotFound:
+        log.error("the champion's %s is not in the BentoML model store: serving without it", tag)
+        return None
+
+
 def served_models(bentoml_home: Path | None = None) -> ServedModels:
-    """What the service serves: the latest ``item_index`` and ``ranker`` (:mod:`models.names`) of
-    the BentoML model store (``$BENTOML_HOME`` unless ``bentoml_home``)."""
-    return describe_models(latest_model(BENTO_INDEX_MODEL, bentoml_home),
-                           latest_model(BENTO_RANKER_MODEL, bentoml_home))
+    """What the service serves: the champion's ``item_index`` and ``ranker`` (:mod:`models.names`)
+    in the BentoML model store (``$BENTOML_HOME`` unless ``bentoml_home``), else the latest."""
+    return describe_models(champion_model(BENTO_INDEX_MODEL, bentoml_home),
+                           champion_model(BENTO_RANKER_MODEL, bentoml_home))
 
 
 def serving_config(settings: Settings, **overrides: Any) -> ServingConfig:
     """The serving configuration of ``settings`` (cache TTL, the ranker's budget), with overrides."""
     base = ServingConfig(cache_ttl_s=settings.recs_cache_ttl_seconds, ranker_timeout_ms=settings.ranker_timeout_ms,
-                         ranker_timeout_headroom=settings.ranker_timeout_headroom)
+                         ranker_timeout_headroom=settings.ranker_timeout_headroom,
+                         ranker_warmup_timeout_s=settings.ranker_warmup_timeout_s)
     return replace(base, **overrides) if overrides else base
 
 

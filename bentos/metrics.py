@@ -71,6 +71,22 @@ class _Metrics:
             documentation="Keys inside a request's context that this version does not know (accepted, ignored)",
             labelnames=["endpoint"])
 
+    @cached_property
+    def impressions_sent(self) -> Any:
+        from prometheus_client import Counter
+
+        return Counter(name="recsys_impressions_sent_total",
+                       documentation="Impressions (answers of /recommend) acknowledged by Kafka")
+
+    @cached_property
+    def impressions_dropped(self) -> Any:
+        from prometheus_client import Counter
+
+        # never blocks an answer: an impression that cannot be sent is dropped and counted here
+        return Counter(name="recsys_impressions_dropped_total",
+                       documentation="Impressions dropped: buffer_full (Kafka slow or down), kafka_error (send failed)",
+                       labelnames=["reason"])
+
 
 METRICS = _Metrics()
 

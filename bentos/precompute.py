@@ -9,8 +9,9 @@ active ``hot_share`` (10%) are the *hot* tier: their answers are kept longer (``
 cheaper run with ``tier="hot"`` refreshes only them, so it can be scheduled more often.
 
 *How.* :func:`precompute_engine` builds the engine exactly as the service does (the BentoML
-store's latest index and ranker, :func:`bentos.factory.served_models`), so a cached answer is the
-answer ``/recommend`` would compute, and it carries the model versions that computed it.
+store's champion index and ranker, else its latest: :func:`bentos.factory.served_models`), so a
+cached answer is the answer ``/recommend`` would compute, and it carries the model versions that
+computed it.
 :func:`precompute` runs batches of users on ``workers`` threads sharing that engine (it is
 thread-safe: the service calls it from many threads), with one progress bar; a degraded answer is
 never cached (the live path retries it).
@@ -136,7 +137,7 @@ def active_users(settings: Settings, now: datetime, hours: int, client: redis.Re
 
 def precompute_engine(settings: Settings, config: PrecomputeConfig | None = None,
                       bentoml_home: Path | None = None) -> RecommendationEngine:
-    """The service's engine on the service's models (the BentoML store's latest index and ranker),
+    """The service's engine on the service's models (the champion's index and ranker, else the latest),
     with this job's ranker budget and a ranker queue that holds every worker's call."""
     from bentos.factory import build_engine, served_models, serving_config
 

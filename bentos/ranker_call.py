@@ -79,15 +79,19 @@ class RankerExecutor:
         """Run ``fn`` once on EVERY thread, so per-thread state (a TFLite interpreter, TensorFlow's
         first-call graph building) exists before the first request: sequential calls would all
         reuse one idle thread and leave the other's first request to time out. A barrier holds
-        each call until all threads have one. Raises what ``fn`` raised."""
+        each call until all threads have one. Raises what ``fn`` raised, or ``TimeoutError``
+        when the calls have not all returned within ``timeout_s``."""
         barrier = threading.Barrier(self.workers, timeout=timeout_s)
 
         def run() -> Any:
             barrier.wait()
             return fn()
 
+        deadline = time.monotonic() + timeout_s
         for future in [self.submit(run) for _ in range(self.workers)]:
-            future.result()
+            # bounded: a first call that hangs must not keep the service from starting (it then
+            # holds its ranker thread, and requests fall back to the cosine, counted)
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -128,17 +132,19 @@ def choose_budget(config: ServingConfig, timings_ms: Sequence[float] | None = No
                         "measured", p99)
 
 
-def measure_scoring(executor: RankerExecutor, score: Callable[[], Any], calls: int) -> list[float]:
+def measure_scoring(executor: RankerExecutor, score: Callable[[], Any], calls: int,
+                    timeout_s: float = 120.0) -> list[float]:
     """Milliseconds of ``calls`` timed calls of ``score`` through ``executor`` (what a request
     waits for), after one untimed call on every ranker thread (:meth:`RankerExecutor.warm_up`). A
-    call that raises ends the measurement (logged): what was timed before it is returned, possibly
-    nothing."""
+    call that raises, or a measurement still running ``timeout_s`` after it started, ends it
+    (logged): what was timed before is returned, possibly nothing."""
     timings: list[float] = []
+    deadline = time.monotonic() + timeout_s
     try:
-        executor.warm_up(score)
+        executor.warm_up(score, timeout_s)
         for _ in range(calls):
             start = time.perf_counter()
-            executor.submit(score).result()
+            executor.submit(score).result(timeout=max(0.0, deadline - time.monotonic()))
             timings.append((time.perf_counter() - start) * 1000.0)
     except Exception:  # noqa: BLE001 - a broken model shows up as fallbacks, counted per request
         log.warning("ranker warm-up failed after %d timed calls: requests may fall back to cosine scores",

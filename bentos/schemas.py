@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 Device = Literal["mobile", "desktop", "tablet"]
 Referrer = Literal["direct", "search", "social", "email"]
@@ -66,6 +66,15 @@ class EventRequest(BaseModel):
     value: Optional[float] = Field(None, ge=0)
     session_id: Optional[str] = None
     context: Optional[Context] = None
+    #: attribution: the answer (its ``request_id``) and the 1-based position the item was shown at
+    request_id: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    position: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _position_needs_request_id(self) -> EventRequest:
+        if self.position is not None and self.request_id is None:
+            raise ValueError("position needs the request_id of the answer that showed the item: send both")
+        return self
 
 
 class RecommendedItem(BaseModel):
@@ -78,6 +87,8 @@ class RecommendedItem(BaseModel):
 
 
 class RecommendResponse(BaseModel):
+    #: the answer's id, logged with its impression; send it back with /events for attribution
+    request_id: str
     user_id: int
     items: list[RecommendedItem]
     cold_start: bool

@@ -57,7 +57,7 @@ class Scoring:
         items: dict[str, Any] = {ref.partition(":")[2]: [None] * len(ids) for ref in ITEM_FEATURES}
         items.update(self.recent_similarity({}, ids))
         timings = measure_scoring(self.executor, lambda: scorer.score({}, items, ids, np.zeros(len(ids)), {}),
-                                  self.config.ranker_warmup_calls)
+                                  self.config.ranker_warmup_calls, self.config.ranker_warmup_timeout_s)
         self._set_budget(choose_budget(self.config, timings))
         log.info("ranker budget per call: %s, from %d timed calls of %d candidates",
                  self.budget.describe(), len(timings), len(ids))

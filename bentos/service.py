@@ -1,22 +1,27 @@
 """The BentoML recommendation service: ``bentoml serve`` from the repository root.
 
-Endpoints: POST /recommend, /similar_items, /events (API key), /items (API key); GET /healthz,
-/readyz and /metrics come from BentoML (readiness also asks ``__is_ready__`` below).
+Endpoints: POST /recommend, /similar_items, /events (API key), /items (API key), /models (what
+is served, the last reload and its failure); GET /healthz, /readyz and /metrics come from BentoML
+(readiness also asks ``__is_ready__`` below).
 
 The FAISS index and the ranker are BentoML models pinned as class attributes, so
 ``bentoml build`` packages them; their folders and ``model_versions`` come from
 :func:`bentos.factory.describe_models`, the derivation that ``recsys precompute`` uses on the same
 store (:func:`bentos.factory.served_models`), so cached and live answers come from the same
-models. When the model store lacks one, the service starts without it (content, trending and
-popularity only), logs why, and says so in ``model_versions``.
+models. They are the champion's (the pointer ``recsys retrain`` writes on a promotion), else the
+store's latest. When the model store lacks one, the service starts without it (content, trending
+and popularity only), logs why, and says so in ``model_versions``. A promotion while serving is
+picked up without a restart (:mod:`bentos.reload`).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import gc
 import json
 import logging
+import signal
 import threading
 from datetime import datetime, timezone
 from typing import Annotated, Any, Optional
@@ -28,6 +33,7 @@ from annotated_types import Ge, Le
 from bentos.auth import ApiKeyMiddleware
 from bentos.cache import AsyncCacheReader
 from bentos.config import service_resources
+from bentos.impressions import impression_logger
 from bentos.metrics import count_unknown_context_keys
 from bentos.schemas import (
     Context,
@@ -41,6 +47,7 @@ from bentos.schemas import (
     SimilarItemsResponse,
 )
 from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL
+from pipelines.impressions import new_request_id
 from recsys import schema as S
 
 log = logging.getLogger("bentos.service")
@@ -49,13 +56,17 @@ WRITE_ROUTES = ("/events", "/items")
 
 
 def _pinned(name: str) -> Any:
-    """A BentoModel reference when the store has the model, else None: the service must also
-    start before anything was trained (BentoML refuses to serve a missing pinned model)."""
+    """A BentoModel reference to the champion's model (the store's latest when no champion was
+    promoted: :func:`bentos.factory.champion_model`), else None: the service must also start
+    before anything was trained (BentoML refuses to serve a missing pinned model)."""
+    from models.champion import champion_tag
+
+    tag = champion_tag(name) or f"{name}:latest"
     try:
-        bentoml.models.get(f"{name}:latest")
+        bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:
         return None
-    return bentoml.models.BentoModel(f"{name}:latest")
+    return bentoml.models.BentoModel(tag)
 
 
 def _stored(ref: Any) -> Any:
@@ -74,10 +85,16 @@ class Recommender:
         from bentos.factory import build_engine, describe_models, new_items_log
         from recsys.config import load_settings
 
+        # `kill -USR1 <worker pid>` writes every thread's stack to the log: what a start-up or a
+        # request is stuck on, without stopping the worker
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
         self.settings = load_settings()
         models = describe_models(_stored(self.index_model), _stored(self.ranker_model))
         self.engine = build_engine(self.settings, models.index_dir, models.ranker_dir, model_versions=models.versions)
         self.cache = AsyncCacheReader(self.engine.cache, self.settings.effective_redis_url)
+        self.reloader = _reloader(self)  # a promotion swaps self.engine (bentos/reload.py)
+        self.impressions = impression_logger(self.settings)
         self.new_items_path = new_items_log(self.settings)
         self._producer: Any = None
         self._producer_lock = threading.Lock()
@@ -88,8 +105,22 @@ class Recommender:
         gc.collect()
         gc.freeze()
 
+    @bentoml.on_shutdown
+    def _close_impressions(self) -> None:
+        self.impressions.close()  # send what the buffer holds, briefly
+
     def __is_ready__(self) -> bool:
         return len(self.engine.catalog) > 0
+
+    @bentoml.api(route="/models")
+    def models(self) -> dict[str, Any]:
+        """What this worker serves, its last reload after a promotion and the last failure."""
+        return self.reloader.status()
+
+    def _swap(self, engine: Any) -> None:
+        """One reference swap: requests holding the old engine finish on it, new ones get this."""
+        self.engine = engine
+        self.cache.cache = engine.cache
 
     # ---- read endpoints ----------------------------------------------------------------------
 
@@ -105,7 +136,10 @@ class Recommender:
         if rec is None:  # the miss path is CPU work (FAISS, the ranker): a worker thread
             rec = await anyio.to_thread.run_sync(
                 functools.partial(self.engine.recommend, user_id, k, ctx, cache_checked=True))
-        return RecommendResponse(**rec.to_dict())
+        # the id goes beside the answer, not into it: coalesced misses share one answer object
+        request_id = new_request_id()
+        self.impressions.log(rec, request_id)  # O(1), never waits (bentos/impressions.py)
+        return RecommendResponse(request_id=request_id, **rec.to_dict())
 
     @bentoml.api(route="/similar_items")
     def similar_items(
@@ -142,6 +176,8 @@ class Recommender:
         value: Optional[float] = None,
         session_id: Optional[str] = None,
         context: Optional[Context] = None,
+        request_id: Optional[str] = None,
+        position: Optional[int] = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> EventAccepted:
         """Record a clickstream event: the server fills event_id and the time, then Kafka."""
@@ -151,7 +187,8 @@ class Recommender:
             count_unknown_context_keys("events", context.unknown_keys)
 
         event = new_event(user_id, item_id, event_type, value=value, session_id=session_id,
-                          context=context.model_dump(exclude_none=True, exclude={"categories"}) if context else None)
+                          context=context.model_dump(exclude_none=True, exclude={"categories"}) if context else None,
+                          request_id=request_id, position=position)
         stamp = event[S.COL_TS].isoformat()
         try:
             self._get_producer().send(event).get(timeout=2)
@@ -167,15 +204,13 @@ class Recommender:
     @bentoml.api(route="/items", input_spec=NewItem)  # the item's fields at the top level of the body
     def items(self, **fields: Any) -> ItemAdded:
         """Add a new item: catalogue, FAISS (category-mean vector), persisted, broadcast to workers."""
-        from bentos.factory import NEW_ITEMS_CHANNEL, add_item
+        from bentos.factory import NEW_ITEMS_CHANNEL, add_item, record_new_item
 
         item = NewItem(**fields)
         row = item.model_dump()
         row[S.COL_CREATED_AT] = datetime.now(timezone.utc).isoformat()
         source = add_item(self.engine, _parse_created(row))
-        self.new_items_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.new_items_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        record_new_item(self.settings, row)  # the new-items log and the dataset's items table (the stream's catalogue)
         try:
             self.engine.client.publish(NEW_ITEMS_CHANNEL, json.dumps({"origin": id(self), "item": row}))
         except Exception as exc:  # noqa: BLE001 - other workers will pick it up from the log on restart
@@ -199,6 +234,20 @@ class Recommender:
             except Exception as exc:  # noqa: BLE001 - keep listening across Redis restarts
                 log.debug("new-item listener reconnecting: %s", exc)
                 time.sleep(1.0)
+
+
+def _reloader(service: Recommender) -> Any:
+    """Poll the champion and swap in a new engine on a promotion, in this worker."""
+    from bentos.factory import build_engine, served_models
+    from bentos.reload import ModelReloader
+
+    def build(models: Any) -> Any:
+        return build_engine(service.settings, models.index_dir, models.ranker_dir, model_versions=models.versions)
+
+    reloader = ModelReloader(lambda: service.engine, served_models, build, service._swap,
+                             service.settings.model_reload_poll_s)
+    reloader.start()
+    return reloader
 
 
 def _parse_created(row: dict[str, Any]) -> dict[str, Any]:

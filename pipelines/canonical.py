@@ -34,6 +34,11 @@ MANIFEST = "manifest.json"
 TABLES = ("events", "items", "users", "rejects")
 
 
+#: the reason an event on an item outside the catalogue is rejected (the stream reloads the
+#: catalogue once before it dead-letters one: items are added while serving)
+UNKNOWN_ITEM_REASON = "item_id not in catalogue"
+
+
 class DatasetError(RuntimeError):
     """A dataset is missing or unusable; the message says what to run."""
 
@@ -190,7 +195,7 @@ def event_reject_reasons(
         unknown = np.zeros(len(df), dtype=bool)
         idx = np.flatnonzero(ok_item.to_numpy())
         unknown[idx] = ~np.isin(item.to_numpy()[idx].astype(np.int64), known_items, assume_unique=False)
-        flag(unknown, "item_id not in catalogue")
+        flag(unknown, UNKNOWN_ITEM_REASON)
     return reason, user, item, value, ts
 
 

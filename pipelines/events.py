@@ -2,7 +2,10 @@
 
 A message on ``clickstream.events`` has key = ``user_id`` (as ASCII digits, so one user's events
 stay in one partition and in order) and value = the canonical event as JSON with a
-``schema_version``; timestamps are ISO-8601 UTC with microseconds.
+``schema_version``; timestamps are ISO-8601 UTC with microseconds. Two optional fields carry
+attribution, only when the client sent them: ``request_id`` (the /recommend answer that showed the
+item) and ``position`` (1-based, where it showed it). They are not canonical columns: readers that
+do not know them ignore them, and a message without them (every older one) decodes as before.
 
 Public API for writers (``recsys events replay``, the service's ``POST /events``):
 
@@ -41,6 +44,11 @@ log = logging.getLogger(__name__)
 #: Wire-format versions this code reads.
 SUPPORTED_SCHEMA_VERSIONS = frozenset({S.SCHEMA_VERSION})
 
+#: optional attribution fields of a message (not canonical columns): the answer and the position
+ATTR_REQUEST_ID = "request_id"
+ATTR_POSITION = "position"
+ATTRIBUTION_FIELDS = (ATTR_REQUEST_ID, ATTR_POSITION)
+
 
 class InvalidEvent(ValueError):
     """An event the platform refuses; ``reason`` is the dead-letter reason."""
@@ -73,6 +81,9 @@ def event_to_message(event: Mapping[str, Any]) -> tuple[bytes, bytes]:
         S.COL_SESSION: event.get(S.COL_SESSION),
         S.COL_CONTEXT: event.get(S.COL_CONTEXT) or {},
     }
+    for name in ATTRIBUTION_FIELDS:  # optional: absent rather than null when the client sent none
+        if event.get(name) is not None:
+            body[name] = event[name]
     return str(int(event[S.COL_USER])).encode(), json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -85,9 +96,12 @@ def new_event(
     session_id: str | None = None,
     context: Mapping[str, str] | None = None,
     event_id: str | None = None,
+    request_id: str | None = None,
+    position: int | None = None,
 ) -> dict[str, Any]:
-    """A canonical event dict with a fresh unique ``event_id`` and ``ts`` = now (UTC) by default."""
-    return {
+    """A canonical event dict with a fresh unique ``event_id`` and ``ts`` = now (UTC) by default;
+    ``request_id`` and ``position`` (attribution) are added only when given."""
+    event: dict[str, Any] = {
         S.COL_EVENT_ID: event_id or uuid.uuid4().hex,
         S.COL_USER: user_id,
         S.COL_ITEM: item_id,
@@ -97,6 +111,11 @@ def new_event(
         S.COL_SESSION: session_id,
         S.COL_CONTEXT: dict(context) if context else None,
     }
+    if request_id is not None:
+        event[ATTR_REQUEST_ID] = request_id
+    if position is not None:
+        event[ATTR_POSITION] = int(position)
+    return event
 
 
 # ---- decoding and validation (the stream's side) ---------------------------------------------------
@@ -273,17 +292,20 @@ class EventProducer:
     at ``rate`` events per second. Use it as a context manager to flush and close.
     """
 
-    def __init__(self, bootstrap: str, topic: str, **kafka_options: Any) -> None:
+    def __init__(self, bootstrap: str, topic: str, headers: Sequence[tuple[str, bytes]] | None = None,
+                 **kafka_options: Any) -> None:
         from kafka import KafkaProducer
 
         options: dict[str, Any] = {"acks": 1, "linger_ms": 5, "batch_size": 256 * 1024}
         options.update(kafka_options)
         self.topic = topic
+        #: Kafka headers on every message (a replay of the offline log says so: pipelines.live_log)
+        self.headers = list(headers) if headers else None
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, **options)
 
     def send(self, event: Mapping[str, Any]) -> Any:
         key, value = event_to_message(event)
-        return self._producer.send(self.topic, key=key, value=value)
+        return self._producer.send(self.topic, key=key, value=value, headers=self.headers)
 
     def send_many(
         self,

@@ -14,7 +14,8 @@ What it models, all from one seed and an explicit end time (so the output is rep
   a share of malformed rows, which validation moves to ``rejects`` with a reason.
 
 Users are generated in chunks with a chunk-keyed random stream, so memory stays bounded at any
-size and the output does not depend on how fast the machine is.
+size and the output does not depend on how fast the machine is. The users' preferred categories
+are exposed (:func:`preferred_categories`) for the ground truth in ``pipelines/ground_truth.py``.
 """
 
 from __future__ import annotations
@@ -211,9 +212,10 @@ def _role_masks(cfg: GeneratorConfig) -> tuple[np.ndarray, np.ndarray]:
     return bots, power
 
 
-def _chunk_events(cfg: GeneratorConfig, cat: Catalogue, lo: int, hi: int,
-                  bots: np.ndarray, power: np.ndarray, chunk: int) -> pd.DataFrame:
-    """Raw events of users lo+1..hi (one chunk), before validation."""
+def _chunk_events(cfg: GeneratorConfig, cat: Catalogue, lo: int, hi: int, bots: np.ndarray, power: np.ndarray,
+                  chunk: int, prefs_only: bool = False) -> pd.DataFrame | np.ndarray:
+    """Raw events of users lo+1..hi (one chunk), before validation; with ``prefs_only``, only the
+    users' preferred categories, (users, 2), drawn from the same stream (no events drawn)."""
     rng = _rng(cfg.seed, 3, chunk)
     users = np.arange(lo + 1, hi + 1, dtype=np.int64)
     n = len(users)
@@ -238,9 +240,11 @@ def _chunk_events(cfg: GeneratorConfig, cat: Catalogue, lo: int, hi: int,
     s_referrer = rng.integers(0, len(REFERRERS), len(s_user))
 
     # views: item from a preferred category (personalization) or from the whole catalogue
+    prefs = _draw(cat.cat_mass_cdf, rng.random((n, 2)))
+    if prefs_only:
+        return prefs
     v_session = np.repeat(np.arange(len(s_user)), s_views)
     v_user = s_user[v_session]
-    prefs = _draw(cat.cat_mass_cdf, rng.random((n, 2)))
     v_pref = prefs[v_user - lo - 1, rng.integers(0, 2, len(v_user))]
     personal = rng.random(len(v_user)) < cfg.personalization
     v_item = np.empty(len(v_user), dtype=np.int64)
@@ -351,6 +355,16 @@ def _finish_chunk(cfg: GeneratorConfig, frame: pd.DataFrame, first_id: int, chun
         out.loc[bad[kind == 3], S.COL_TS] = pd.NaT
         out.loc[bad[kind == 4], S.COL_VALUE] = -1.0
     return out
+
+
+def preferred_categories(cfg: GeneratorConfig) -> np.ndarray:
+    """Each user's two preferred categories, int64 (n_users, 2), row ``u - 1`` for user id ``u``:
+    the ones :func:`generate` draws the user's views from (the same random streams, replayed)."""
+    _, cat = build_catalogue(cfg)
+    bots, power = _role_masks(cfg)
+    return np.concatenate([
+        _chunk_events(cfg, cat, lo, min(lo + cfg.chunk_users, cfg.n_users), bots, power, chunk, prefs_only=True)
+        for chunk, lo in enumerate(range(0, cfg.n_users, cfg.chunk_users))])
 
 
 def generate(cfg: GeneratorConfig, out_dir: Path, progress: bool = True) -> Manifest:

@@ -33,6 +33,8 @@ DEFAULT_REDIS_PORT = 16379
 DEFAULT_KAFKA_PORT = 19092
 DEFAULT_MLFLOW_PORT = 15000
 DEFAULT_SERVICE_PORT = 3000
+#: The first managed stream worker's metrics port; worker i serves on this port + i.
+DEFAULT_STREAM_PORT = 19108
 
 
 def find_home(start: Path | None = None) -> Path:
@@ -116,6 +118,18 @@ class Settings(BaseSettings):
     events_topic: str = "clickstream.events"
     dlq_topic: str = "clickstream.events.dlq"
     events_partitions: int = Field(4, ge=1)
+    #: what /recommend served (one message per answer), read by `recsys stream impressions`
+    impressions_topic: str = "recommendations.served"
+    impressions_partitions: int = Field(4, ge=1)
+
+    # Impressions: the service's logging of every answer and the sink to the offline table.
+    #: ``off`` stops the service logging answers (a benchmark measures the hit path both ways)
+    impressions: Literal["on", "off"] = "on"
+    #: answers waiting for the producer in each worker; beyond it an answer's impression is dropped
+    impressions_buffer: int = Field(10_000, ge=1)
+    impressions_group_id: str = "recsys-impressions"
+    impressions_batch_rows: int = Field(10_000, ge=1, description="The sink writes once this many wait.")
+    impressions_flush_s: float = Field(10.0, gt=0, description="The sink writes at least this often.")
 
     # Stream consumer (`recsys stream run`): micro-batches online, larger batches offline.
     stream_group_id: str = "recsys-stream"
@@ -129,6 +143,11 @@ class Settings(BaseSettings):
     stream_purchased_max: int = Field(100, ge=1, description="Latest purchases kept per user (never recommended).")
     #: Prometheus /metrics port of the stream consumer; None = no endpoint.
     stream_metrics_port: int | None = Field(None, ge=0, le=65535)
+    #: Consumers `recsys stack up` runs in the stream's group (each its own process, pid file and
+    #: metrics port); more than the topic's partitions leaves the extra ones idle.
+    stream_workers: int = Field(1, ge=1, le=64)
+    #: Metrics port of the first managed stream worker (`recsys stack up`); worker i uses this + i.
+    stream_port: int = Field(DEFAULT_STREAM_PORT, ge=1, le=65535 - 64)
     trending_window_s: int = Field(3_600, ge=60, description="Sliding window of trending, in seconds.")
     trending_top_n: int = Field(100, ge=1)
     trending_ttl_s: int = Field(7_200, ge=1, description="Redis expiry of the trending sets.")
@@ -147,10 +166,23 @@ class Settings(BaseSettings):
     #: The ranker's time budget per call; None = measured at start-up (scoring p99 x headroom).
     ranker_timeout_ms: float | None = Field(None, gt=0)
     ranker_timeout_headroom: float = Field(3.0, ge=1.0)
+    #: The longest the service's start-up waits for the ranker's warm-up calls (a model whose
+    #: first call hangs then serves with the cosine fallback instead of keeping the service down).
+    ranker_warmup_timeout_s: float = Field(60.0, gt=0)
     #: Which variant of the exported ranker to serve: ``auto`` (the int8 variant only when the
     #: comparison beside the export shows ndcg@10 within 0.002 and a lower scoring p99),
     #: ``full`` or ``quantized`` (models.ranker.precision).
     ranker_precision: Literal["auto", "full", "quantized"] = "auto"
+
+    # Retraining and its gate (`recsys retrain`), and the service's hot reload of the champion.
+    #: The gate's metric: a key of the protocol's report (``ndcg@10``, ``recall@20``, ...).
+    gate_metric: str = Field("ndcg@10", pattern=r"^(ndcg|recall)@[0-9]+$")
+    #: A challenger is promoted unless its metric is below the champion's by more than this.
+    gate_tolerance: float = Field(0.005, ge=0.0)
+    #: The gate scores users with an event in this many days before the latest event.
+    gate_window_days: float = Field(7.0, gt=0)
+    #: How often each service worker checks the champion pointer for a promotion.
+    model_reload_poll_s: float = Field(10.0, gt=0)
 
     #: The platform's "now". None = the latest event of the active dataset.
     as_of: datetime | None = None

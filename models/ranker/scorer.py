@@ -53,7 +53,7 @@ class RankerScorer:
             import tensorflow as tf
 
             self._model = tf.saved_model.load(str(folder / SAVED_MODEL_DIR))
-            self._serve = getattr(self._model, SERVE_ENDPOINT)
+            self._serve = concrete_endpoint(getattr(self._model, SERVE_ENDPOINT))
         elif variant == "quantized":
             self._serve = _TFLiteServe(folder / QUANTIZED_FILE)
         else:
@@ -119,6 +119,17 @@ class RankerScorer:
             out[rows] = self.score({c: first[c] for c in user_cols}, {c: group[c].tolist() for c in group.columns},
                                    group[S.COL_ITEM].to_numpy(np.int64), np.zeros(len(rows)), {"timestamp": when})
         return out
+
+
+def concrete_endpoint(endpoint: Any) -> Any:
+    """The one traced graph behind a restored ``serve`` endpoint, to be called directly (the
+    endpoint itself when it holds several). Two reasons: the polymorphic ``tf.function`` call
+    takes a lock and, when the arguments do not bind (an export of another layout: a
+    ``TypeError``), leaks it, so every later call, from any thread, waits forever (TensorFlow
+    2.21, ``polymorphic_function.Function._call``); and its per-call dispatch is skipped. Same
+    outputs (tests/models/test_ranker_model.py)."""
+    functions = list(getattr(endpoint, "concrete_functions", None) or [])
+    return functions[0] if len(functions) == 1 else endpoint
 
 
 def load_scorer(path: Path, precision: str | None = None) -> RankerScorer:

@@ -23,7 +23,7 @@ def kafka_healthy(bootstrap: str, timeout_s: float = 2.0) -> bool:
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
-    if not _tcp_open(bootstrap):
+    if not tcp_open(bootstrap):
         return False
     try:
         admin = KafkaAdminClient(
@@ -48,7 +48,7 @@ def http_healthy(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
-def _tcp_open(bootstrap: str, timeout_s: float = 0.5) -> bool:
+def tcp_open(bootstrap: str, timeout_s: float = 0.5) -> bool:
     host, _, port = bootstrap.split(",")[0].rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):

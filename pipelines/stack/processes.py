@@ -1,4 +1,5 @@
-"""The local services' processes: whether a pid is alive, reaping our children, stopping a process group."""
+"""The local services' processes: whether a pid is alive, reaping our children, stopping a process
+group (or its leader first, which stops its own children)."""
 
 from __future__ import annotations
 
@@ -34,22 +35,36 @@ def reap(pid: int) -> None:
         pass
 
 
-def stop_group(name: str, pid: int, timeout_s: float = 15.0) -> None:
-    """SIGTERM the process group led by ``pid``; SIGKILL it if it has not exited after ``timeout_s``."""
+def send_stop(pid: int, leader_only: bool = False) -> None:
+    """SIGTERM to the process group led by ``pid`` (or to ``pid`` alone, which then stops its children)."""
     if not alive(pid):
         return
     try:
-        os.killpg(pid, signal.SIGTERM)
+        if leader_only:
+            os.kill(pid, signal.SIGTERM)
+        else:
+            os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+
+
+def wait_stopped(name: str, pid: int, timeout_s: float = 15.0) -> None:
+    """Wait up to ``timeout_s`` for ``pid`` to exit; then SIGKILL its process group."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive(pid):
         reap(pid)
         time.sleep(0.1)
     if alive(pid):
-        log.warning("%s (pid %d) ignored SIGTERM; sending SIGKILL", name, pid)
+        log.warning("%s (pid %d) did not exit %.0f s after SIGTERM; sending SIGKILL", name, pid, timeout_s)
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         reap(pid)
+
+
+def stop_group(name: str, pid: int, timeout_s: float = 15.0, leader_only: bool = False) -> None:
+    """SIGTERM the process group led by ``pid`` (``leader_only``: ``pid`` alone); SIGKILL the group if
+    ``pid`` has not exited after ``timeout_s``."""
+    send_stop(pid, leader_only)
+    wait_stopped(name, pid, timeout_s)

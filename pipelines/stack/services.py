@@ -4,48 +4,28 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.stack.binaries import kafka_broker_binary, redis_server_binary
 from pipelines.stack.health import http_healthy, kafka_healthy, redis_healthy
+from pipelines.stack.service_types import Service, ServiceStatus
+from pipelines.stack.stream_service import STREAM, stream_services
 from pipelines.stack.topics import ensure_topics
 from recsys.config import Settings
 
 SERVICES: tuple[str, ...] = ("redis", "kafka", "mlflow")
-#: Started on request (`stack up --only service`, `make demo`) once data and models exist; `down`
-#: stops it with the rest.
-APP_SERVICES: tuple[str, ...] = ("service",)
+#: Started once data and models exist: the service on request (`stack up --only service`,
+#: `make demo`); the stream by `stack up` once the dataset and the Feast registry exist (or on
+#: request). `down` stops them first, before the brokers they use. ``stream`` names every worker.
+APP_SERVICES: tuple[str, ...] = ("service", STREAM)
+
+__all__ = ["APP_SERVICES", "SERVICES", "Service", "ServiceStatus", "service_command", "service_definitions",
+           "service_env"]
 
 
-@dataclass(frozen=True)
-class ServiceStatus:
-    name: str
-    state: str  # running | stopped | external | stale
-    endpoint: str
-    healthy: bool
-    pid: int | None = None
-    log_path: Path | None = None
-
-
-@dataclass(frozen=True)
-class Service:
-    """One service of the stack; ``is_local`` is false for an endpoint configured to point elsewhere."""
-
-    name: str
-    port: int
-    endpoint: str
-    is_local: bool
-    command: Callable[[], list[str]]
-    healthy: Callable[[], bool]
-    after_start: Callable[[], None] | None = None
-    start_timeout_s: float = 30.0
-    env: Callable[[], dict[str, str]] | None = None  # added to this process's environment
-
-
-def service_definitions(settings: Settings, run_dir: Path) -> dict[str, Service]:
-    """Every service of the stack described by ``settings``, its state under ``run_dir``."""
+def service_definitions(settings: Settings, run_dir: Path, stream_workers: int | None = None) -> dict[str, Service]:
+    """Every service of the stack described by ``settings``, its state under ``run_dir``; stream
+    workers ``stream-0`` .. (``stream_workers``, default ``settings.stream_workers``) last."""
     s = settings
     redis_dir = run_dir / "redis"
     mlflow_dir = run_dir / "mlflow"
@@ -110,6 +90,7 @@ def service_definitions(settings: Settings, run_dir: Path) -> dict[str, Service]
             healthy=lambda: http_healthy(f"http://127.0.0.1:{s.service_port}/readyz"),
             start_timeout_s=240.0,  # loads the catalogue, the index and TensorFlow
         ),
+        **stream_services(s, settings.stream_workers if stream_workers is None else stream_workers),
     }
 
 

@@ -1,4 +1,5 @@
-"""The Kafka topics the platform needs: the clickstream topic and its dead-letter topic."""
+"""The Kafka topics the platform needs: the clickstream topic, its dead-letter topic, and the
+impressions topic (what /recommend served)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ log = logging.getLogger(__name__)
 
 
 def ensure_topics(settings: Settings) -> None:
-    """Create the clickstream topic and its dead-letter topic if missing (idempotent)."""
+    """Create the clickstream topic, its dead-letter topic and the impressions topic if missing
+    (idempotent)."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
 
@@ -20,6 +22,7 @@ def ensure_topics(settings: Settings) -> None:
         wanted = [
             NewTopic(settings.events_topic, settings.events_partitions, 1),
             NewTopic(settings.dlq_topic, 1, 1),
+            NewTopic(settings.impressions_topic, settings.impressions_partitions, 1),
         ]
         missing = [t for t in wanted if t.name not in existing]
         if missing:

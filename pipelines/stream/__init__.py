@@ -1,5 +1,5 @@
-"""The clickstream consumer (``recsys stream run``): Kafka -> real-time user features, exactly once
-in effect.
+"""The clickstream consumer (``recsys stream run``): Kafka -> real-time user features and the offline
+event log, exactly once in effect.
 
 One micro-batch (up to ``batch_events`` events or ``batch_ms`` of waiting), in :mod:`.consumer`:
 
@@ -11,18 +11,22 @@ One micro-batch (up to ``batch_events`` events or ``batch_ms`` of waiting), in :
    dead-letter topic as late;
 3. in one Redis transaction (one round trip, :mod:`.transaction`): the users' new rows in the online
    store, written as Feast's Redis store writes them (:class:`OnlineRowWriter` says how, and why
-   not ``FeatureStore.push``), the new states, the batch's rows appended to the partition's
-   *outbox*, the partition's applied-offset watermark, the purchased-item set of every user who
+   not ``FeatureStore.push``), the new states, the batch's rows and the canonical events it
+   applied appended to the partition's *outbox*, the partition's applied-offset watermark, the purchased-item set of every user who
    bought something (``purchased:{user_id}``, a copy of the state's bounded list, which serving
    filters with), ``recs:{user_id}`` deleted for every user with an event, the trending counts,
    and the activity set (each user's applied events per event-time hour, :mod:`.activity`, from
    which the precompute job takes the users active lately).
 
-In the background, every ``offline_flush_s`` or ``offline_batch_rows``, the outboxes are appended
-to the offline store through the same push source (a Spark job, so in large batches, run by a
-separate flush process so that it never holds the consumer's GIL: :mod:`.flush`) and trimmed;
-only then are the Kafka offsets that those outbox entries cover committed (after the dead letters
-are flushed, :mod:`.offsets`). So a committed offset always means: online written, offline appended.
+In the background, every ``offline_flush_s`` or ``offline_batch_rows`` (rows and events), the
+outboxes are appended offline by a separate flush process (so that it never holds the consumer's
+GIL: :mod:`.flush`): the events to the dataset's canonical ``events`` table (validated again by the
+canonical rules, one file per partition and date: :mod:`pipelines.live_log`), then the rows to the
+offline store through the same push source (a Spark job, so in large batches); then the outboxes
+are trimmed, and only then are the Kafka offsets that those entries cover committed (after the
+dead letters are flushed, :mod:`.offsets`). So a committed offset always means: online written,
+event logged, offline appended. A message with the ``recsys-replay`` header (a replay of events
+the log already holds) is folded but not logged again.
 
 Where the state lives, and why a crash is harmless: each user's fold state (features, their hidden
 inputs such as category counts, and the ids of recent events) is one Redis value,
@@ -34,9 +38,11 @@ offsets). The online rows change in that same transaction, so the online store n
 row that the state has not recorded, nor the other way round. (Where Feast is configured for a
 Redis cluster or sentinel, Feast writes the rows itself just before the transaction; a crash in
 between redelivers events that the state has not seen: they are folded again into the same rows
-and written again.) The offline append is at least once: a crash
+and written again.) The offline feature append is at least once: a crash
 between the append and the outbox trim appends identical rows (same event_timestamp and created)
-a second time, which point-in-time joins read as one.
+a second time, which point-in-time joins read as one. The event log is exactly once in effect:
+its files are named by the outbox entries they hold (the partition and first offset), so the
+flush after such a crash rewrites the same files, whole (:func:`.flush.events_file_key`).
 
 Partition ownership makes the consumer the single writer of its users' states (events are keyed by
 user); a message whose key is not its user_id would break that, so it is dead-lettered.

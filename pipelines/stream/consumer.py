@@ -15,12 +15,13 @@ import pandas as pd
 import redis
 
 from pipelines import trending
+from pipelines.canonical import UNKNOWN_ITEM_REASON
 from pipelines.events import decode_batch
 from pipelines.realtime_rules import LATE_REASON
 from pipelines.stream.catalogue import ItemCatalogue
 from pipelines.stream.dead_letters import DeadLetters
 from pipelines.stream.flush import OfflineFlusher
-from pipelines.stream.fold import BatchFolder, FoldedBatch, group_by_user, rows_by_partition
+from pipelines.stream.fold import BatchFolder, FoldedBatch, events_by_partition, group_by_user, rows_by_partition
 from pipelines.stream.metrics import StreamMetrics, StreamStats, observe_many, reason_label
 from pipelines.stream.offsets import OffsetKeeper, rebalance_listener
 from pipelines.stream.online_writer import OnlineRowWriter
@@ -95,7 +96,7 @@ class StreamProcessor:
         self.cache.clear()
         check_online_store(s)
         ensure_topics(s)
-        self.catalogue = ItemCatalogue(s.dataset_path)
+        self.catalogue = ItemCatalogue(s.dataset_path, min_reload_s=self.options.catalogue_reload_s)
         self.redis = redis.Redis.from_url(s.effective_redis_url)
         self.state = StateStore(self.redis, s.feast_project, self.topic, topic_id(s, self.topic))
         self.flusher.topic_id = self.state.topic_id
@@ -141,6 +142,11 @@ class StreamProcessor:
         max_ts = pd.Timestamp(now + self.options.max_future_s, unit="s", tz="UTC")
         self.catalogue.maybe_reload()
         decoded = decode_batch([r.value for r in records], self.catalogue.known_items, max_ts)
+        unknown_items = any(reason.startswith(UNKNOWN_ITEM_REASON) for _, reason in decoded.rejected)
+        if unknown_items and self.catalogue.reload_now():
+            # items added while streaming (POST /items appends them to the table): a new catalogue
+            # may know them, so judge the batch again before dead-lettering its events
+            decoded = decode_batch([r.value for r in records], self.catalogue.known_items, max_ts)
         dead: list[tuple[ConsumerRecord, str]] = [(records[i], reason) for i, reason in decoded.rejected]
 
         index = decoded.index.tolist()
@@ -152,14 +158,17 @@ class StreamProcessor:
         self._count(folded)
         dead.extend((records[index[j]], LATE_REASON) for j in folded.late)
         rows = rows_by_partition(batch, records, index, groups, folded.changed, int(now * 1_000_000))
+        events = events_by_partition(batch, records, index, folded.applied_at)
 
         for record, reason in dead:
             self.dlq.send(record, reason)
             self.metrics.dead_letters.labels(reason_label(reason)).inc()
         n_rows = self._write(BatchWrite(batch, folded.changed, rows, users, folded.counts,
-                                        purchased=folded.purchased, activity=folded.activity))
+                                        purchased=folded.purchased, activity=folded.activity,
+                                        events_by_partition=events))
         self.cache.remember(states)
         self._account(records, len(dead), n_rows, time.time())
+        self.flusher.add_events(sum(len(e) for e in events.values()))
         self.stats.last_batch_at = time.monotonic()
 
     def _write(self, write: BatchWrite) -> int:

@@ -1,8 +1,10 @@
-"""The offline append of the outboxes: the flush process (:func:`flush_outboxes`) and, in the consumer,
-when to flush and which offsets each flush makes safe to commit (:class:`OfflineFlusher`)."""
+"""The offline append of the outboxes: the flush process (:func:`flush_outboxes`: the applied events to
+the dataset's events table, the rows to the user_realtime table) and, in the consumer, when to flush
+and which offsets each flush makes safe to commit (:class:`OfflineFlusher`)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -15,11 +17,12 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from pipelines.live_log import append_live_events
 from pipelines.stream.metrics import StreamMetrics, StreamStats
 from pipelines.stream.online_writer import rows_frame
 from pipelines.stream.options import StreamOptions
 from pipelines.stream.retry import retry_io
-from pipelines.stream.state import StateStore
+from pipelines.stream.state import Outbox, StateStore
 from recsys.config import Settings
 
 if TYPE_CHECKING:
@@ -30,12 +33,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OfflineFlush:
-    """One finished flush: its partitions, the offsets now safe to commit, the rows appended."""
+    """One finished flush: its partitions, the offsets now safe to commit, the rows and the
+    canonical events appended."""
 
     partitions: list[int]
     offsets: dict[int, int]  # per partition, the offset now safe to commit
     rows: int
     seconds: float
+    events: int = 0
 
 
 # ---- in the flush process -------------------------------------------------------------------------
@@ -47,24 +52,53 @@ FLUSH_RETRY_S = 300.0
 
 
 def flush_outboxes(settings: Settings, topic: str, topic_id: str, partitions: list[int]) -> OfflineFlush:
-    """Append the outboxes of ``partitions`` to the offline store through the push source, then
-    trim them; runs in the consumer's flush process. Returns the offsets safe to commit."""
+    """Append the outboxes of ``partitions`` offline: their events to the dataset's events table
+    (:func:`append_outbox_events`), their rows to the user_realtime table through the push source;
+    then trim them. Runs in the consumer's flush process. Returns the offsets safe to commit."""
     from pipelines.feature_store import get_store, push_user_realtime
 
     started = time.perf_counter()
     state = StateStore(redis.Redis.from_url(settings.effective_redis_url), settings.feast_project, topic, topic_id)
-    entries = {p: state.read_outbox(p) for p in partitions}
-    rows = [row for _, _, part in entries.values() for row in part]
+    outboxes = {p: state.read_outbox(p) for p in partitions}
+    deadline = time.monotonic() + FLUSH_RETRY_S
+    events = append_outbox_events(settings, topic, topic_id, outboxes, lambda: time.monotonic() > deadline)
+    rows = [row for box in outboxes.values() for row in box.rows]
     if rows:
         store = _FLUSH_STORES.get(settings.feast_project)
         if store is None:
             store = _FLUSH_STORES[settings.feast_project] = get_store(settings)
-        deadline = time.monotonic() + FLUSH_RETRY_S
         retry_io("offline append", lambda: push_user_realtime(store, rows_frame(rows), online=False, offline=True),
                  lambda: time.monotonic() > deadline)
-    state.trim_outbox({p: n for p, (n, _, _) in entries.items() if n})
-    return OfflineFlush(partitions, {p: last + 1 for p, (n, last, _) in entries.items() if n and last is not None},
-                        len(rows), time.perf_counter() - started)
+    state.trim_outbox({p: box.entries for p, box in outboxes.items() if box.entries})
+    safe = {p: box.last + 1 for p, box in outboxes.items() if box.entries and box.last is not None}
+    return OfflineFlush(partitions, safe, len(rows), time.perf_counter() - started, events)
+
+
+def events_file_key(topic: str, topic_id: str, partition: int, outbox: Outbox) -> str:
+    """The name (after ``live-<date>-``) of the files that hold an outbox's events: the topic, the
+    partition, the first offset the entries cover, and a digest of the topic's id and the first
+    event (a recreated topic restarts its offsets: the digest keeps its names apart).
+
+    A flush that crashed after writing its files but before trimming the outbox left the same
+    entries at its head; the next flush reads them (and perhaps more), so it derives the same key
+    and rewrites the same files, whole, with a superset of their rows: no event is logged twice.
+    """
+    digest = hashlib.sha1(f"{topic_id}\n{outbox.events[0]}".encode()).hexdigest()[:10]
+    first = outbox.first if outbox.first is not None else 0
+    return f"{topic}-p{partition}-o{first:012d}-{digest}"
+
+
+def append_outbox_events(settings: Settings, topic: str, topic_id: str, outboxes: dict[int, Outbox],
+                         give_up: Callable[[], bool] = lambda: False) -> int:
+    """Write the outboxes' applied events to the dataset's events table (one file per partition and
+    date, :func:`events_file_key`); returns the events written. Retries I/O errors until ``give_up``."""
+    written = 0
+    for partition, box in sorted(outboxes.items()):
+        if box.events:
+            key = events_file_key(topic, topic_id, partition, box)
+            written += retry_io("offline event log",
+                                lambda: append_live_events(settings.dataset_path, box.events, key), give_up)
+    return written
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -111,6 +145,10 @@ class OfflineFlusher:
         self._pending_rows += n_rows
         self._due = True
 
+    def add_events(self, n_events: int) -> None:
+        """A batch appended ``n_events`` applied events to the outboxes (they count as rows do)."""
+        self._pending_rows += n_events
+
     def add_backlog(self) -> None:
         """Outbox entries left by a previous owner: flush them at the next chance."""
         self._due = True
@@ -156,8 +194,9 @@ class OfflineFlusher:
         return self._pool.submit(flush_outboxes, self.settings, self.topic, self.topic_id, partitions)
 
     def _account(self, done: OfflineFlush) -> dict[int, int]:
-        if done.rows:
+        if done.rows or done.events:
             self.metrics.push_seconds.labels("offline").observe(done.seconds)
             self.stats.rows_offline += done.rows
-            log.info("offline append rows=%d partitions=%s", done.rows, done.partitions)
+            self.stats.events_offline += done.events
+            log.info("offline append rows=%d events=%d partitions=%s", done.rows, done.events, done.partitions)
         return done.offsets

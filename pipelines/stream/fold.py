@@ -1,6 +1,7 @@
 """One micro-batch through the rules: group the decoded events by user, fold them into the users'
 states (:class:`BatchFolder`), and turn the changed states into user_realtime rows per partition,
-purchased-item sets and the activity counts per user and hour."""
+purchased-item sets and the activity counts per user and hour; the applied events per partition
+for the offline event log."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipelines import trending
+from pipelines.live_log import REPLAY_HEADER
 from pipelines.realtime_rules import CONSUMED_TYPES, PURCHASED_MAX, DedupeWindow, Event, Outcome, UserState
 from pipelines.stream.activity import ACTIVITY_RETENTION_S, ActivityCounts, count_event, drop_expired
 from pipelines.stream.catalogue import ItemCatalogue
@@ -37,6 +39,8 @@ class FoldedBatch:
     duplicates: int
     purchased: dict[int, list[int]] = field(default_factory=dict)
     activity: ActivityCounts = field(default_factory=dict)
+    #: positions (in the decoded batch) of the applied events, for the offline event log
+    applied_at: list[int] = field(default_factory=list)
 
 
 def group_by_user(records: list[ConsumerRecord], decoded: Any, index: list[int]
@@ -83,6 +87,7 @@ class BatchFolder:
         counts: TrendingCounts = {}
         activity: ActivityCounts = {}
         late: list[int] = []
+        applied_at: list[int] = []
         bought: list[int] = []
         duplicates = applied = 0
         watermark = self.watermark_us
@@ -97,6 +102,7 @@ class BatchFolder:
                 outcome = state.apply(event, window, purchased_max)
                 if outcome is Outcome.APPLIED:
                     applied += 1
+                    applied_at.append(j)
                     count_event(activity, user, event.ts_us)
                     consumed = consumed or event.event_type in CONSUMED_TYPES
                     if watermark is None or event.ts_us > watermark:
@@ -118,7 +124,7 @@ class BatchFolder:
             counts = {k: v for k, v in counts.items() if k[0] >= first}
         purchased = {user: states[user].purchased_items for user in bought}
         activity = drop_expired(activity, watermark, self.activity_retention_s)
-        return FoldedBatch(changed, counts, late, applied, duplicates, purchased, activity)
+        return FoldedBatch(changed, counts, late, applied, duplicates, purchased, activity, applied_at)
 
 
 def _count_trending(counts: TrendingCounts, event: Event) -> None:
@@ -145,3 +151,17 @@ def rows_by_partition(batch: dict[Any, list[ConsumerRecord]], records: list[Cons
     for user, state in changed.items():
         rows[partition_of[user]].append(state_row(user, state, created_us))
     return rows
+
+
+def events_by_partition(batch: dict[Any, list[ConsumerRecord]], records: list[ConsumerRecord], index: list[int],
+                        applied_at: list[int]) -> dict[int, list[str]]:
+    """The applied events' wire JSON under the partition they came from, in offset order, for the
+    offline event log; a message with the :data:`REPLAY_HEADER` (a replay of events the log
+    already holds) is folded but not logged again."""
+    events: dict[int, list[str]] = {tp.partition: [] for tp in batch}
+    for j in sorted(applied_at, key=lambda j: index[j]):
+        record = records[index[j]]
+        if record.headers and any(k == REPLAY_HEADER for k, _ in record.headers):
+            continue
+        events[record.partition].append(record.value.decode())
+    return events

@@ -83,6 +83,8 @@ class StreamStats:
     batches: int = 0
     rows_online: int = 0
     rows_offline: int = 0
+    #: canonical events appended to the dataset's events table
+    events_offline: int = 0
     commits: int = 0
     seconds: float = 0.0
     #: monotonic times of the first and the last batch (throughput without the group join)

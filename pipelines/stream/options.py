@@ -43,6 +43,9 @@ class StreamOptions:
     #: How long the activity set keeps each hour (:mod:`.activity`): the longest window that
     #: ``recsys precompute --hours`` can take live users from.
     activity_retention_s: int = ACTIVITY_RETENTION_S
+    #: An event for an item outside the catalogue reloads the items table first (items added while
+    #: streaming), at most this often; an item still unknown then is dead-lettered.
+    catalogue_reload_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.purchased_max < 1:

@@ -1,10 +1,11 @@
 """The stream's keys in Redis: each user's fold state, each partition's outbox of offline rows and
-applied-offset watermark (:class:`StateStore`), and the consumer's in-memory cache of states."""
+events and applied-offset watermark (:class:`StateStore`), and the consumer's in-memory cache of states."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -15,6 +16,18 @@ from pipelines.stream.online_writer import Row
 
 if TYPE_CHECKING:
     from kafka.consumer.fetcher import ConsumerRecord
+
+
+@dataclass
+class Outbox:
+    """What a partition's outbox holds: its entries, the first and last offsets they cover, their
+    user_realtime rows and the canonical events they applied (wire JSON, in order)."""
+
+    entries: int
+    last: int | None = None
+    first: int | None = None
+    rows: list[Row] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
 
 
 class StateStore:
@@ -50,19 +63,27 @@ class StateStore:
     def load_one(self, user_id: int) -> UserState:
         return self.load([user_id])[0]
 
-    def queue_outbox(self, pipe: redis.client.Pipeline, partition: int, last_offset: int, rows: list[Row]) -> None:
-        pipe.rpush(self.outbox_key(partition), orjson.dumps([last_offset, rows]))
+    def queue_outbox(self, pipe: redis.client.Pipeline, partition: int, last_offset: int, rows: list[Row],
+                     first_offset: int | None = None, events: list[str] | None = None) -> None:
+        """One batch's outbox entry: the offsets it covers, its user_realtime rows and the canonical
+        events it applied (their wire JSON), for the offline log."""
+        first = last_offset if first_offset is None else first_offset
+        pipe.rpush(self.outbox_key(partition), orjson.dumps([last_offset, rows, first, events or []]))
 
-    def read_outbox(self, partition: int) -> tuple[int, int | None, list[Row]]:
-        """(entries, the last offset they cover, their rows)."""
+    def read_outbox(self, partition: int) -> Outbox:
+        """The partition's outbox entries, in order (an entry of an older consumer, without events,
+        reads as having none)."""
         entries = self.client.lrange(self.outbox_key(partition), 0, -1)
-        rows: list[Row] = []
-        last: int | None = None
+        out = Outbox(len(entries))
         for raw in entries:
-            offset, batch_rows = orjson.loads(raw)
-            last = offset if last is None else max(last, offset)
-            rows.extend(tuple(r) for r in batch_rows)  # type: ignore[misc]
-        return len(entries), last, rows
+            offset, batch_rows, *more = orjson.loads(raw)
+            out.last = offset if out.last is None else max(out.last, offset)
+            out.rows.extend(tuple(r) for r in batch_rows)  # type: ignore[misc]
+            if more:
+                first, events = more
+                out.first = first if out.first is None else min(out.first, first)
+                out.events.extend(events)
+        return out
 
     def trim_outbox(self, done: dict[int, int]) -> None:
         """Drop the first ``n`` entries of each partition's outbox (more may have been appended)."""

@@ -4,7 +4,8 @@ Local stack -> synthetic canonical data -> dataset registered in MLflow -> offli
 snapshots, `feast apply`, materialize into Redis -> a slice of the clickstream through Kafka and
 the stream consumer -> Spark ALS, embeddings, the FAISS index and the TensorFlow ranker (unless
 ``--no-ranker``) in MLflow and the BentoML store -> `bentoml serve` and a few answers, with the
-model versions that computed them. Every step prints its elapsed seconds.
+model versions that computed them -> simulated users clicking and buying by the generator's
+ground truth (`recsys simulate`), with the CTR. Every step prints its elapsed seconds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEMO_REPLAY_EVENTS = 2_000
+#: The closing simulation: a bounded number of requests at a steady rate, a few seconds' run.
+DEMO_SIM_REQUESTS, DEMO_SIM_RATE = 300, 20.0
 #: One fit where ``recsys train ranker`` fits 5 folds (which bag the fold models and pick the ALS
 #: blend on held-out label users): the folds are most of the ranker's fit time, and the demo has
 #: a time budget on 2 cores. The data (label users, examples) and the epochs are the defaults.
@@ -70,7 +73,9 @@ def step_replay_tail(settings: Settings, n_events: int = DEMO_REPLAY_EVENTS) -> 
     now = reference_time(settings.dataset_path, settings.as_of)
     table = dataset.to_table(filter=pads.field(S.COL_TS) <= now)
     table = table.sort_by([(S.COL_TS, "descending")]).slice(0, n_events).sort_by(S.COL_TS)
-    with EventProducer(settings.effective_kafka_bootstrap, settings.events_topic) as producer:
+    from pipelines.live_log import REPLAY_HEADERS  # already in the offline log: the stream does not log them again
+
+    with EventProducer(settings.effective_kafka_bootstrap, settings.events_topic, headers=REPLAY_HEADERS) as producer:
         sent = producer.send_many(table.to_pylist())
     typer.echo(f"  sent the latest {sent:,} events to Kafka topic {settings.events_topic}")
     return sent
@@ -118,16 +123,56 @@ def step_features(settings: Settings, days: int = 30) -> None:
                + ", ".join(f"{k}={v[0]}" for k, v in row.items() if k != S.COL_USER))
 
 
+def stream_totals(settings: Settings) -> dict[str, float]:
+    """The managed stream workers' events so far, by outcome (applied, duplicate, late,
+    dead_letter), summed over the workers' metrics ports; a worker that does not answer adds none."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for i in range(settings.stream_workers):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{settings.stream_port + i}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "recsys_stream_events_total":
+                    outcome = sample.labels["outcome"]
+                    totals[outcome] = totals.get(outcome, 0.0) + sample.value
+    return totals
+
+
+def wait_for_stream(settings: Settings, before: dict[str, float], n_events: int,
+                    timeout_s: float = 600.0) -> dict[str, int]:
+    """Wait until the managed workers have handled ``n_events`` more events than ``before`` (every
+    outcome counts); returns the new events by outcome."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = stream_totals(settings)
+        delta = {k: int(v - before.get(k, 0.0)) for k, v in now.items()}
+        if sum(delta.values()) >= n_events:
+            return delta
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the stream handled {sum(delta.values()):,} of {n_events:,} events in "
+                               f"{timeout_s:.0f} s: see {settings.run_path / 'stream-0.log'}")
+        time.sleep(0.2)
+
+
 def step_stream(settings: Settings) -> None:
-    """The stream consumer folds the replayed clickstream into real-time user features (until it
-    has caught up); show how the busiest user's features changed, and what is trending."""
+    """Start the stream consumer as a service of the stack (it keeps running after the demo), send
+    the latest events to Kafka, wait until the workers have handled them; show how the busiest
+    user's real-time features changed, and what is trending."""
     import redis
 
     from pipelines import feature_store as fs
     from pipelines.events import select_events
     from pipelines.realtime_rules import FEATURES
-    from pipelines.stream import StreamOptions, StreamProcessor
+    from pipelines.stack import STREAM
     from pipelines.trending import read_trending
+    from recsys.cli.stack import platform_stack
 
     now = reference_time(settings.dataset_path, settings.as_of)
     tail = select_events(settings.dataset_path, end=now, limit=DEMO_REPLAY_EVENTS).column(S.COL_USER).to_pandas()
@@ -140,10 +185,17 @@ def step_stream(settings: Settings) -> None:
         return {f: row[f][0] for f in FEATURES}
 
     before = features()
-    stats = StreamProcessor(settings, StreamOptions.from_settings(settings, stop_when_caught_up=True)).run()
+    stack = platform_stack(settings)
+    stack.down([STREAM])  # a worker of an earlier run may hold an older dataset or registry
+    for row in stack.up([STREAM]):
+        typer.echo(f"  {row.name} started (pid {row.pid}), metrics {row.endpoint}, log {row.log_path}")
+    counted = stream_totals(settings)
+    sent = step_replay_tail(settings)
+    done = wait_for_stream(settings, counted, sent)
     after = features()
-    typer.echo(f"  stream (recsys stream run): {stats.events:,} events, {stats.applied:,} applied, "
-               f"{stats.duplicates:,} already applied before, {stats.dead_letters:,} dead letters")
+    typer.echo(f"  stream ({settings.stream_workers} managed worker(s)): {sent:,} events, {done.get('applied', 0):,} "
+               f"applied, {done.get('duplicate', 0):,} already applied before, {done.get('dead_letter', 0):,} "
+               "dead letters")
     typer.echo(f"  user {user}, real-time features before -> after:")
     for name in FEATURES:
         typer.echo(f"    {name:<22} {before[name]!s:<36} -> {after[name]}")
@@ -242,6 +294,14 @@ def step_serve(settings: Settings) -> None:
     typer.echo(f"  POST /events (with X-API-Key) -> {reply['status']}, event_id {reply['event_id']}")
 
 
+def step_simulate(settings: Settings, requests: int = DEMO_SIM_REQUESTS) -> dict:
+    """A short `recsys simulate`: the dataset's users ask, click and buy by their ground-truth
+    preferences, the events go back through /events; prints the CTR (per arm when answers carry one)."""
+    from recsys.cli.simulate import run_simulation
+
+    return run_simulation(settings, requests=requests, rate=DEMO_SIM_RATE, progress=False)
+
+
 @contextmanager
 def timed_step(number: int, total: int, title: str, seconds: dict[str, float]) -> Iterator[None]:
     """Print the step's header, run it, print and record (in ``seconds``) its elapsed seconds."""
@@ -254,7 +314,7 @@ def timed_step(number: int, total: int, title: str, seconds: dict[str, float]) -
 
 def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000, ranker: bool = True) -> dict[str, float]:
     """Run the demo's steps in order; returns the elapsed seconds of each step."""
-    steps, seconds = 7, dict[str, float]()
+    steps, seconds = 8, dict[str, float]()
     started = time.perf_counter()
     with timed_step(1, steps, "local stack", seconds):
         step_stack(settings)
@@ -266,13 +326,14 @@ def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000, ra
     with timed_step(4, steps, "features: Spark snapshots, feast apply, materialize to Redis", seconds):
         step_features(settings)
     with timed_step(5, steps, "clickstream: Kafka -> stream consumer -> real-time features", seconds):
-        step_replay_tail(settings)
-        step_stream(settings)
+        step_stream(settings)  # starts the managed consumer, then replays the tail
     training = "Spark ALS, FAISS index" + (", TensorFlow ranker" if ranker else "") + ", MLflow, BentoML model store"
     with timed_step(6, steps, f"training: {training}", seconds):
         step_train(settings, ranker)
     with timed_step(7, steps, f"serving: bentoml serve on port {settings.service_port}, sample requests", seconds):
         step_serve(settings)
+    with timed_step(8, steps, f"simulated users: {DEMO_SIM_REQUESTS} requests, clicks and purchases -> /events", seconds):
+        step_simulate(settings)
     total = time.perf_counter() - started
     typer.secho(f"\nDone in {total / 60:.1f} min: " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()),
                 bold=True, fg=typer.colors.GREEN)

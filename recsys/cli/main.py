@@ -18,6 +18,9 @@ import typer
 from recsys.cli.common import CliError, parse_time, settings_of
 from recsys.cli.features import features_app
 from recsys.cli.serving import precompute_cmd, serve
+from recsys.cli.schedule import schedule_app
+from recsys.cli.simulate import simulate_cmd
+from recsys.cli.stack import stack_app
 from recsys.cli.stream import events_app, stream_app, trending_cmd
 from recsys.cli.models import register as register_model_commands
 from recsys.config import load_settings
@@ -30,8 +33,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-stack_app = typer.Typer(help="Start, stop and inspect the local services (Redis, Kafka, MLflow).",
-                        no_args_is_help=True)
 data_app = typer.Typer(help="Create the canonical tables: synthetic data or MovieLens.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
@@ -41,6 +42,8 @@ app.command("precompute")(precompute_cmd)
 app.add_typer(events_app, name="events")
 app.add_typer(stream_app, name="stream")
 app.command("trending")(trending_cmd)
+app.command("simulate")(simulate_cmd)
+app.add_typer(schedule_app, name="schedule")
 register_model_commands(app)  # train, index, evaluate
 
 log = logging.getLogger("recsys")
@@ -63,56 +66,6 @@ def main(
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc).splitlines()[0] if isinstance(exc, FileNotFoundError) else str(exc)) from exc
     ctx.ensure_object(dict)["settings"] = settings
-
-
-# ---- stack ------------------------------------------------------------------------------------
-
-OnlyOption = Annotated[Optional[list[str]], typer.Option("--only", help="Limit to these services (repeatable).")]
-
-
-def _print_status(rows: list) -> None:
-    for row in rows:
-        pid = f"pid {row.pid}" if row.pid else ""
-        health = "healthy" if row.healthy else "unhealthy"
-        typer.echo(f"{row.name:<7} {row.state:<9} {health:<10} {row.endpoint:<32} {pid}")
-
-
-@stack_app.command("up")
-def stack_up(ctx: typer.Context, only: OnlyOption = None) -> None:
-    """Start the local services that are not running yet (idempotent)."""
-    from pipelines.stack import LocalStack, StackError
-
-    try:
-        rows = LocalStack(settings_of(ctx)).up(only)
-    except StackError as exc:
-        raise CliError(str(exc)) from exc
-    _print_status(rows)
-
-
-@stack_app.command("down")
-def stack_down(ctx: typer.Context, only: OnlyOption = None) -> None:
-    """Stop the services that `stack up` started (never external ones)."""
-    from pipelines.stack import LocalStack, StackError
-
-    try:
-        stopped = LocalStack(settings_of(ctx)).down(only)
-    except StackError as exc:
-        raise CliError(str(exc)) from exc
-    typer.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
-
-
-@stack_app.command("status")
-def stack_status(ctx: typer.Context, only: OnlyOption = None) -> None:
-    """Show each service: running, stopped, stale or external, and whether it is healthy."""
-    from pipelines.stack import LocalStack, StackError
-
-    try:
-        rows = LocalStack(settings_of(ctx)).status(only)
-    except StackError as exc:
-        raise CliError(str(exc)) from exc
-    _print_status(rows)
-    if any(r.state in {"running", "external"} and not r.healthy for r in rows):
-        raise typer.Exit(1)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -165,8 +118,11 @@ def data_load(
 
 @data_app.command("info")
 def data_info(ctx: typer.Context) -> None:
-    """Show the active dataset's manifest and the reference time."""
+    """Show the active dataset's manifest (what its writer wrote), the reference time, and under
+    ``live`` what was appended since: the events the stream logged and the items added through
+    the service."""
     from pipelines.canonical import DatasetError, read_manifest, reference_time
+    from pipelines.live_log import live_summary
 
     settings = settings_of(ctx)
     try:
@@ -177,6 +133,7 @@ def data_info(ctx: typer.Context) -> None:
     info = {k: v for k, v in asdict(manifest).items() if k != "params"}
     info["reference_time"] = now.isoformat()
     info["path"] = str(settings.dataset_path)
+    info["live"] = live_summary(settings.dataset_path).as_dict()
     typer.echo(json.dumps(info, indent=2))
 
 

@@ -1,5 +1,6 @@
-"""`recsys train ...`, `recsys index ...` and `recsys evaluate`: training, the item indexes and the
-one evaluation protocol from the command line. Heavy modules load inside the commands."""
+"""`recsys train ...`, `recsys index ...`, `recsys evaluate` and `recsys retrain`: training, the item
+indexes, the one evaluation protocol and the gated retrain from the command line. Heavy modules
+load inside the commands."""
 
 from __future__ import annotations
 
@@ -171,8 +172,37 @@ def evaluate_cmd(
     typer.echo(f"report: {out}")
 
 
+def retrain_cmd(
+    ctx: typer.Context,
+    ranker: Annotated[bool, typer.Option("--ranker/--no-ranker",
+                                         help="Retrain the ranker too (else the champion's carries over).")] = True,
+    materialize: Annotated[bool, typer.Option(
+        "--materialize/--no-materialize",
+        help="On promotion, load the new ALS vectors into the online store (needs `recsys features apply`).")] = True,
+    bentoml_home: BentomlHome = None,
+) -> None:
+    """Clean -> ALS -> ranker -> index on the offline log up to now, registered as the challenger;
+    promoted to champion only if the gate passes it (exit 0 either way, the reason printed)."""
+    from models.retrain import retrain
+    from pipelines.canonical import DatasetError
+    from pipelines.feature_store import FeatureStoreError
+
+    settings = settings_of(ctx)
+    try:
+        result = retrain(settings, ranker=ranker, bentoml_home=bentoml_home, materialize=materialize)
+    except (ValueError, DatasetError, FeatureStoreError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    d = result.decision
+    typer.echo(f"challenger {result.challenger.tags} (MLflow run {result.run_id}, cutoff {result.cutoff.isoformat()})")
+    champion = "none" if d.champion is None else f"{d.champion:.4f}"
+    typer.echo(f"gate {d.metric}: challenger {d.challenger:.4f}, champion {champion}, tolerance {d.tolerance:g}")
+    typer.echo(d.reason)
+    typer.echo(f"comparison: {result.comparison_path}")
+
+
 def register(app: typer.Typer) -> None:
-    """Attach `train`, `index` and `evaluate` to the root `recsys` app."""
+    """Attach `train`, `index`, `evaluate` and `retrain` to the root `recsys` app."""
     app.add_typer(train_app, name="train")
     app.add_typer(index_app, name="index")
     app.command("evaluate")(evaluate_cmd)
+    app.command("retrain")(retrain_cmd)

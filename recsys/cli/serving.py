@@ -30,6 +30,8 @@ def precompute_cmd(
     hours: Annotated[int, typer.Option(min=1, help="Activity window, ending at the reference time.")] = 24,
     workers: Annotated[Optional[int], typer.Option(
         min=1, help="Threads computing batches at once (default: two per core, at most 8).")] = None,
+    ttl: Annotated[int, typer.Option(min=1, help="Seconds an ordinary user's cached answer is kept.")] = 1_800,
+    hot_ttl: Annotated[int, typer.Option(min=1, help="Seconds a hot user's cached answer is kept.")] = 7_200,
     bentoml_home: BentomlHome = None,
 ) -> None:
     """Active users of the last 24 h (offline log and stream) -> the service's answers -> the Redis cache."""
@@ -39,7 +41,7 @@ def precompute_cmd(
         raise CliError(f"--tier {tier!r}: choose all or hot")
     settings = settings_of(ctx)
     now = reference_time_of(ctx)
-    config = PrecomputeConfig(window_hours=hours, workers=workers or default_workers())
+    config = PrecomputeConfig(window_hours=hours, workers=workers or default_workers(), ttl_s=ttl, hot_ttl_s=hot_ttl)
     engine = precompute_engine(settings, config, bentoml_home)
     try:
         users = active_users(settings, now, hours)

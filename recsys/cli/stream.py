@@ -27,11 +27,13 @@ def replay(
     from tqdm.auto import tqdm
 
     from pipelines.events import EventProducer, select_events
+    from pipelines.live_log import REPLAY_HEADERS
 
     settings = settings_of(ctx)
     table = select_events(settings.dataset_path, parse_time(start, "--start"),
                           parse_time(end, "--end") or reference_time_of(ctx), limit)
-    with EventProducer(settings.effective_kafka_bootstrap, settings.events_topic) as producer, \
+    # the events are in the offline log already: the stream folds them but does not log them again
+    with EventProducer(settings.effective_kafka_bootstrap, settings.events_topic, headers=REPLAY_HEADERS) as producer, \
             tqdm(total=table.num_rows, unit="ev", desc="replay") as bar:
         sent = 0
         for chunk in table.to_batches(max_chunksize=10_000):
@@ -106,3 +108,22 @@ def trending_cmd(
     client = redis.Redis.from_url(settings.effective_redis_url)
     for rank, (item, score) in enumerate(read_trending(client, k=top), start=1):
         typer.echo(f"  {rank:>3}. item {item:<10} {score:,.0f}")
+
+
+@stream_app.command("impressions")
+def impressions(
+    ctx: typer.Context,
+    group_id: Annotated[Optional[str], typer.Option(help="Consumer group (default: impressions_group_id).")] = None,
+    batch_rows: Annotated[Optional[int], typer.Option(min=1, help="Write once this many impressions wait.")] = None,
+    flush_s: Annotated[Optional[float], typer.Option(min=0.01, help="Write at least this often (s).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Prometheus /metrics port.")] = None,
+    stop_when_caught_up: Annotated[bool, typer.Option(help="Exit once every partition is read to its end.")] = False,
+) -> None:
+    """Sink recommendations.served (what /recommend answered) into the dataset's offline
+    impressions table, in batches, committing after each write. SIGTERM or Ctrl-C: write, commit, exit."""
+    from pipelines.impression_sink import run_impression_sink
+
+    settings = settings_of(ctx)
+    stats = run_impression_sink(settings, group_id=group_id, batch_rows=batch_rows, flush_s=flush_s,
+                                metrics_port=metrics_port, stop_when_caught_up=stop_when_caught_up or None)
+    typer.echo(json.dumps(asdict(stats)))

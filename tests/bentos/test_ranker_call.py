@@ -9,7 +9,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import pytest
 
 from bentos.config import ServingConfig
-from bentos.ranker_call import RankerBusy, RankerExecutor, choose_budget
+from bentos.ranker_call import RankerBusy, RankerExecutor, choose_budget, measure_scoring
 from bentos.scoring import fallback_kind
 from bentos.single_flight import SingleFlight
 from tests.support.serving import wait_until
@@ -43,6 +43,7 @@ def test_budget_floor_configured_and_unmeasured() -> None:
     ("ranker_timeout_floor_ms", -1.0, "ranker_timeout_floor_ms=-1.0 must be > 0"),
     ("ranker_workers", 0, "ranker_workers=0 must be >= 1"),
     ("ranker_queue", -1, "ranker_queue=-1 must be >= 0"),
+    ("ranker_warmup_timeout_s", 0.0, "ranker_warmup_timeout_s=0.0 must be > 0"),
 ])
 def test_serving_config_rejects_bad_ranker_settings(field: str, value: float, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -111,6 +112,27 @@ def test_warm_up_raises_what_the_scorer_raised() -> None:
             executor.warm_up(broken)
     finally:
         executor.shutdown()
+
+
+def test_a_warm_up_that_hangs_ends_at_its_timeout_with_nothing_measured() -> None:
+    # a model whose first call never returns must not keep the service from starting: the
+    # measurement gives up after its timeout (nothing timed: the budget falls to the floor)
+    executor = RankerExecutor(workers=2, queue=0)
+    release = threading.Event()
+    try:
+        with pytest.raises(TimeoutError):
+            executor.warm_up(lambda: release.wait(60), timeout_s=0.2)
+        # both threads are still held by the hung calls: the measurement gets RankerBusy at once
+        assert measure_scoring(executor, lambda: release.wait(60), calls=5, timeout_s=0.2) == []
+    finally:
+        release.set()
+        executor.shutdown()
+    fresh, release = RankerExecutor(workers=2, queue=0), threading.Event()
+    try:
+        assert measure_scoring(fresh, lambda: release.wait(60), calls=5, timeout_s=0.2) == []
+    finally:
+        release.set()
+        fresh.shutdown()
 
 
 def test_ranker_executor_rejects_bad_sizes() -> None:

@@ -19,10 +19,12 @@ from kafka import KafkaConsumer
 
 from models.als import Factors
 from models.retrieval import RetrievalIndex
+from pipelines.impressions import read_impressions
 from pipelines.stack import LocalStack, free_port
 from recsys.config import Settings
 from tests.support.settings import REPO, isolated_settings
 from tests.support.feature_workspace import N_ITEMS, N_USERS, vector
+from tests.support.impressions import run_sink_once, table_root
 from tests.support.metrics import sample_value
 from tests.support.service_process import API_KEY, Server, serve
 from tests.support.service_process import service_env as _env
@@ -56,6 +58,7 @@ def test_recommend_answers_with_metadata(server: Server) -> None:
     assert set(body["items"][0]) == {"item_id", "score", "title", "price", "image_url", "strategy"}
     assert body["model_versions"]["index"].startswith("item_index:")
     assert body["model_versions"]["index_mlflow_run"] == "test-run"
+    assert len(body["request_id"]) == 32 and int(body["request_id"], 16) >= 0  # 32 hex digits
 
 
 def test_unknown_user_is_cold_start(server: Server) -> None:
@@ -133,7 +136,8 @@ def test_write_endpoints_need_the_key(server: Server) -> None:
 def test_event_reaches_kafka(server: Server, feature_ws: Settings) -> None:
     user = 5000 + int(uuid.uuid4().int % 1000)
     status, _, body = server.call("/events", {"user_id": user, "item_id": 2, "event_type": "CLICK",
-                                              "context": {"device": "tablet", "colour": "red"}}, key=API_KEY)
+                                              "context": {"device": "tablet", "colour": "red"},
+                                              "request_id": "a1b2c3", "position": 4}, key=API_KEY)
     assert status == 200 and body["status"] == "accepted"
     consumer = KafkaConsumer(feature_ws.events_topic, bootstrap_servers=feature_ws.effective_kafka_bootstrap,
                              group_id=f"t-{uuid.uuid4().hex}", auto_offset_reset="earliest", consumer_timeout_ms=20000,
@@ -149,11 +153,18 @@ def test_event_reaches_kafka(server: Server, feature_ws: Settings) -> None:
     key, value = found
     assert key == str(user).encode() and value["event_type"] == "CLICK" and value["item_id"] == 2
     assert value["context"]["device"] == "tablet" and "colour" not in value["context"]  # unknown keys dropped
+    assert value["request_id"] == "a1b2c3" and value["position"] == 4  # attribution rides along
 
 
 def test_bad_event_is_a_4xx(server: Server) -> None:
     status, _, reply = server.call("/events", {"user_id": 1, "item_id": 2, "event_type": "LIKE"}, key=API_KEY)
     assert 400 <= status < 500 and "event_type" in json.dumps(reply)
+    status, _, reply = server.call("/events", {"user_id": 1, "item_id": 2, "event_type": "CLICK", "position": 2},
+                                   key=API_KEY)
+    assert 400 <= status < 500 and "request_id" in json.dumps(reply)  # a position means nothing without it
+    status, _, reply = server.call("/events", {"user_id": 1, "item_id": 2, "event_type": "CLICK", "position": 0,
+                                               "request_id": "r1"}, key=API_KEY)
+    assert 400 <= status < 500 and "position" in json.dumps(reply)
 
 
 def test_new_item_is_indexed_and_similar(server: Server) -> None:
@@ -172,18 +183,69 @@ def test_metrics_expose_stages_and_cache(server: Server) -> None:
     assert "recsys_stage_seconds" in text and "recsys_cache_requests_total" in text
 
 
+DROPPED = "recsys_impressions_dropped_total"
+SENT = "recsys_impressions_sent_total"
+
+
+def test_every_answer_hits_and_misses_becomes_one_impression(server: Server, feature_ws: Settings,
+                                                             tmp_path: Path) -> None:
+    """/recommend -> the impression logger -> Kafka -> the sink -> the offline table: one row per
+    answer with its items in order (positions 1..n), cache hits included."""
+    sent_before = sample_value(server.call("/metrics", method="GET")[2], SENT)
+    answers: dict[str, dict] = {}
+
+    def ask(body: dict) -> dict:
+        status, _, reply = server.call("/recommend", body)
+        assert status == 200, reply
+        answers[reply["request_id"]] = reply
+        return reply
+
+    ask({"user_id": 987_655, "k": 3})  # cold start
+    ask({"user_id": 8, "k": 4})  # a miss
+    deadline = time.monotonic() + 10  # the cache is written off the response path: poll for the hit
+    while not ask({"user_id": 8, "k": 4})["cached"]:
+        assert time.monotonic() < deadline, "the answer was never cached"
+        time.sleep(0.1)
+    ask({"user_id": 8, "k": 2})  # a hit sliced to 2
+    assert {a["cached"] for a in answers.values()} == {True, False}
+    deadline = time.monotonic() + 20  # the logger sends off the request path: wait for Kafka's acks
+    while sample_value(server.call("/metrics", method="GET")[2], SENT) - sent_before < len(answers):
+        assert time.monotonic() < deadline, "the impressions never reached Kafka"
+        time.sleep(0.2)
+    sink = feature_ws.with_overrides(data_dir=tmp_path / "data")  # a table of this test's own
+    run_sink_once(sink, f"imp-{uuid.uuid4().hex[:6]}")
+    rows = [r for r in read_impressions(table_root(sink)).to_pylist() if r["request_id"] in answers]
+    assert sorted(r["request_id"] for r in rows) == sorted(answers)  # each answer once
+    for row in rows:
+        reply = answers[row["request_id"]]
+        assert row["user_id"] == reply["user_id"]
+        assert row["item_ids"] == [i["item_id"] for i in reply["items"]]
+        assert row["positions"] == list(range(1, len(reply["items"]) + 1))
+        assert row["scores"] == [i["score"] for i in reply["items"]]
+        assert row["strategies"] == [i["strategy"] for i in reply["items"]]
+        assert (row["cached"], row["cold_start"]) == (reply["cached"], reply["cold_start"])
+        assert dict(row["model_versions"]) == reply["model_versions"] and row["arm"] is None
+
+
 def test_kafka_and_redis_outages(feature_ws: Settings, bentoml_home: Path, tmp_path: Path) -> None:
     """Its own Redis (stopped and restarted mid-test) and a Kafka address where nothing listens."""
     own = isolated_settings(tmp_path)
     stack = LocalStack(own)
     stack.up(["redis"])
     env = _env(feature_ws, bentoml_home, REDIS_URL=own.effective_redis_url,
-               KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+               KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}", RECSYS_IMPRESSIONS_BUFFER="4")
     try:
         with serve(env, tmp_path / "serve.log") as srv:
             status, headers, body = srv.call("/events", {"user_id": 1, "item_id": 2, "event_type": "VIEW"},
                                              key=API_KEY)
             assert status == 503 and headers.get("retry-after") == "5" and body["status"] == "unavailable"
+            # impressions: the logger is stuck reaching Kafka, so its buffer keeps 4 and drops the
+            # rest (10 - 4 = 6), while every answer still comes
+            for _ in range(10):
+                status, _, body = srv.call("/recommend", {"user_id": 1})
+                assert status == 200 and len(body["request_id"]) == 32
+            metrics = srv.call("/metrics", method="GET")[2]
+            assert sample_value(metrics, DROPPED, reason="buffer_full") == 6
             assert srv.call("/recommend", {"user_id": 1})[2]["degraded"] is False
             stack.down(["redis"])
             status, _, body = srv.call("/recommend", {"user_id": 1})

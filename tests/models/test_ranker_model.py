@@ -169,6 +169,49 @@ def test_signature_scores_one_user_against_n_candidates(tiny_ranker: Path) -> No
                     "user_embedding": [enc.rank], "item_embedding": [None, enc.rank]}
 
 
+def test_scorer_calls_the_traced_graph_with_the_endpoints_outputs(tiny_ranker: Path) -> None:
+    scorer = load_scorer(tiny_ranker)
+    endpoint = getattr(scorer._model, SERVE_ENDPOINT)
+    assert scorer._serve is endpoint.concrete_functions[0]  # not the polymorphic endpoint
+    user, items, ids = user_and_items(1)
+    inputs = scorer.inputs(user, items, len(ids), {"timestamp": "2026-01-01T12:00Z"})
+    np.testing.assert_array_equal(np.asarray(scorer._serve(**inputs)), np.asarray(endpoint(**inputs)))
+
+
+def test_an_export_of_another_layout_fails_every_call_without_hanging(tiny_ranker: Path, tmp_path: Path) -> None:
+    # TensorFlow's polymorphic call leaks its lock when the arguments do not bind, and every later
+    # call then waits forever: through the traced graph, each call raises, from any thread
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tensorflow as tf
+
+    folder = shutil.copytree(tiny_ranker, tmp_path / "ranker")
+    shutil.rmtree(folder / SAVED_MODEL_DIR)
+
+    class OtherLayout(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="user"),
+                                      tf.TensorSpec([None, None], tf.float32, name="items")])
+        def serve(self, user: tf.Tensor, items: tf.Tensor) -> tf.Tensor:
+            return tf.reduce_sum(items, axis=1) + tf.reduce_sum(user)
+
+    tf.saved_model.save(OtherLayout(), str(folder / SAVED_MODEL_DIR))
+    scorer = load_scorer(folder, "full")
+    user, items, ids = user_and_items(1)
+
+    def call() -> str:
+        try:
+            scorer.score(user, items, ids, np.zeros(len(ids)), {})
+        except TypeError as err:
+            return type(err).__name__
+        return "scored"
+
+    with ThreadPoolExecutor(2) as pool:
+        # a generous bound: a hung call would never return, a failing one returns at once
+        outcomes = [f.result(timeout=60) for f in [pool.submit(call) for _ in range(6)]]
+    assert outcomes == ["TypeError"] * 6
+
+
 def test_saved_model_reload_gives_identical_scores(tmp_path: Path) -> None:
     frame, labels = tiny_frame()
     result = fit_ranker(frame, labels, 8, RankerConfig(hidden=(8,), epochs=1, batch_size=64), progress=False)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
+import time
 import urllib.request
 import uuid
 from collections import Counter
@@ -26,9 +28,18 @@ from kafka import KafkaConsumer, KafkaProducer
 from pipelines import feature_store as fs
 from pipelines import trending
 from pipelines.events import event_to_message
+from pipelines.live_log import REPLAY_HEADERS, live_summary
 from pipelines.realtime_rules import FEATURES, UserState, to_us
 from pipelines.stack import free_port
-from pipelines.stream import OnlineRowWriter, StateStore, activity_key, live_activity, state_row
+from pipelines.stream import (
+    OnlineRowWriter,
+    StateStore,
+    StreamOptions,
+    StreamProcessor,
+    activity_key,
+    live_activity,
+    state_row,
+)
 from pipelines.stream.activity import ACTIVITY_RETENTION_S, hour_of
 from recsys import feature_tables as T
 from recsys import schema as S
@@ -45,6 +56,7 @@ from tests.support.stream import (
     clickstream,
     committed_total,
     hand_events,
+    live_events,
     offline_rows,
     online,
     produce,
@@ -57,6 +69,12 @@ from tests.support.stream import (
     wait_for_progress,
     write_dataset,
 )
+
+#: events that are not the dataset's (the SIGKILL, SIGTERM and purchase tests) happen after it: the
+#: stream appends them to the dataset's events table, where the backfill and the trending refresh
+#: (which read up to END) do not see them
+LIVE_END = END + timedelta(days=1)
+
 
 @pytest.fixture(scope="module")
 def ws(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
@@ -76,7 +94,7 @@ def streamed(ws: Settings) -> Iterator[tuple[Settings, Any]]:
     """The canonical events through the stream once (and the recs cache of user 1 set beforehand)."""
     settings = scoped(ws, "main")
     redis.Redis.from_url(settings.effective_redis_url).set(recs_cache_key(1), b"cached")
-    produce(settings, CANONICAL_EVENTS)
+    produce(settings, CANONICAL_EVENTS, replay=True)  # the dataset's own events, as `recsys events replay` sends them
     stats = run_stream(settings)
     yield settings, stats
 
@@ -88,6 +106,7 @@ def test_online_features_equal_the_fold(streamed: tuple[Settings, Any]) -> None:
     got = online(settings, [HAND_USER])[HAND_USER]
     assert got == HAND_EXPECTED
     assert (stats.events, stats.applied, stats.duplicates, stats.dead_letters) == (607, 607, 0, 0)
+    assert stats.events_offline == 0 and live_events(settings).empty  # a replay of the log is not logged again
     assert redis.Redis.from_url(settings.effective_redis_url).exists(recs_cache_key(1)) == 0
     # the purchased sets serving reads: user 9 bought 4 and 5 (hand_events); the others as the fold says
     assert purchased_sets(settings, users) == reference_purchased(CANONICAL_EVENTS)
@@ -107,7 +126,7 @@ def test_replaying_the_same_events_changes_nothing(streamed: tuple[Settings, Any
     settings, _ = streamed
     users = [*STREAM_USERS, HAND_USER]
     before = online(settings, users)
-    produce(settings, CANONICAL_EVENTS)
+    produce(settings, CANONICAL_EVENTS, replay=True)
     stats = run_stream(settings)
     assert (stats.events, stats.applied, stats.duplicates, stats.rows_online) == (607, 0, 607, 0)
     assert online(settings, users) == before == reference(settings, CANONICAL_EVENTS)
@@ -209,7 +228,7 @@ def purchase_events() -> list[dict[str, Any]]:
              (BOUNDED, "PURCHASE", 3), (BOUNDED, "PURCHASE", 7), (BOUNDED, "PURCHASE", 9), (RATER, "RATING", 5)]
     return [{S.COL_EVENT_ID: f"b{i}", S.COL_USER: user, S.COL_ITEM: item, S.COL_EVENT_TYPE: etype,
              S.COL_VALUE: 2.0 if etype == "RATING" else None,
-             S.COL_TS: END - timedelta(minutes=10) + timedelta(seconds=10 * (i % 3)),
+             S.COL_TS: LIVE_END - timedelta(minutes=10) + timedelta(seconds=10 * (i % 3)),
              S.COL_SESSION: None, S.COL_CONTEXT: None} for i, (user, etype, item) in enumerate(steps)]
 
 
@@ -225,9 +244,11 @@ def test_stream_keeps_the_latest_purchases_and_a_redelivery_changes_nothing(ws: 
     # out; 33: a batch with a RATING only still writes the set -> {5}
     assert purchased_sets(settings, [BUYER, BOUNDED, RATER]) == {BUYER: {3, 7}, BOUNDED: {7, 9}, RATER: {5}}
     assert client.exists(recs_cache_key(BUYER)) == 0  # the stale answer is gone with the purchase
+    assert sorted(live_events(settings)[S.COL_EVENT_ID]) == [f"b{i}" for i in range(7)]  # each logged offline
     produce(settings, events)  # the same events again, at new offsets (a producer's retry)
     stats = run_stream(settings, purchased_max=2)
     assert (stats.applied, stats.duplicates) == (0, 7)
+    assert sorted(live_events(settings)[S.COL_EVENT_ID]) == [f"b{i}" for i in range(7)]  # not logged again
     # PURCHASE 3 of user 32 again is a duplicate: it does not come back
     assert purchased_sets(settings, [BUYER, BOUNDED]) == {BUYER: {3, 7}, BOUNDED: {7, 9}}
 
@@ -253,8 +274,8 @@ def test_dead_letters_get_exactly_the_malformed_events(ws: Settings) -> None:
     }
     producer = KafkaProducer(bootstrap_servers=settings.effective_kafka_bootstrap)
     for i, event in enumerate(good):
-        key, value = event_to_message(event)
-        producer.send(settings.events_topic, key=key, value=value)
+        key, value = event_to_message(event)  # user 9's events are the dataset's: sent as a replay
+        producer.send(settings.events_topic, key=key, value=value, headers=list(REPLAY_HEADERS))
         if i < len(bad):
             producer.send(settings.events_topic, key=key, value=list(bad)[i])
     producer.flush()
@@ -283,7 +304,7 @@ KILL_USERS = (101, 102, 103)
 @pytest.mark.slow
 def test_sigkill_mid_stream_then_restart_equals_the_reference(ws: Settings) -> None:
     settings = scoped(ws, "kill")
-    events = clickstream(KILL_USERS, 4000, seed=2, prefix="k")
+    events = clickstream(KILL_USERS, 4000, seed=2, prefix="k", end=LIVE_END)
     produce(settings, events)
     proc = start_cli(settings)
     wait_for_progress(settings, KILL_USERS, proc)
@@ -302,13 +323,17 @@ def test_sigkill_mid_stream_then_restart_equals_the_reference(ws: Settings) -> N
     expected = reference(settings, events)
     assert {u: int(last.loc[u, "interaction_count"]) for u in KILL_USERS} == \
         {u: expected[u]["interaction_count"] for u in KILL_USERS} == {u: 4000 for u in KILL_USERS}
+    # the offline event log holds every event exactly once, though flushes (every 2 s) were cut by the kill
+    logged = live_events(settings)
+    assert len(logged) == len(events) == 12_000
+    assert set(logged[S.COL_EVENT_ID]) == {e[S.COL_EVENT_ID] for e in events}
 
 
 @pytest.mark.slow
 def test_sigterm_leaves_no_processed_event_uncommitted(ws: Settings) -> None:
     settings = scoped(ws, "term")
     users = (201, 202)
-    events = clickstream(users, 6000, seed=3, prefix="t")
+    events = clickstream(users, 6000, seed=3, prefix="t", end=LIVE_END)
     produce(settings, events)
     port = free_port()
     proc = start_cli(settings, "--metrics-port", str(port))
@@ -323,6 +348,7 @@ def test_sigterm_leaves_no_processed_event_uncommitted(ws: Settings) -> None:
     # every event it folded is committed, and nothing it did not fold is
     assert committed_total(settings) == summary["events"] == summary["applied"] == applied
     assert summary["rows_offline"] == summary["rows_online"]
+    assert summary["events_offline"] == applied == len(live_events(settings))
     store = StateStore(redis.Redis.from_url(settings.effective_redis_url), settings.feast_project,
                        settings.events_topic)
     assert store.outbox_size(range(settings.events_partitions)) == 0
@@ -351,3 +377,39 @@ def test_online_rows_are_written_as_feasts_own_writer_writes_them(streamed: tupl
         client.delete(key)
         writer.write([state_row(user, store.load_one(user), 0)])  # Feast's own online_write_batch
         assert client.hgetall(key) == by_stream
+
+
+NEW_ITEM, NEW_ITEM_USER = 13, 41  # the catalogue is items 1..12
+
+
+def test_an_item_added_while_streaming_is_accepted_and_logged(ws: Settings) -> None:
+    """POST /items writes the item to the dataset's items table (record_new_item, called here as the
+    service calls it); the running consumer's catalogue (loaded before) reloads on the event for an
+    unknown item instead of dead-lettering it. catalogue_reload_s=0: the event may come less than the
+    default second after the catalogue was loaded."""
+    from bentos.factory import record_new_item
+
+    settings = scoped(ws, "item")
+    processor = StreamProcessor(settings, StreamOptions.from_settings(settings, offline_flush_s=3600.0,
+                                                                      catalogue_reload_s=0.0))
+    runner = threading.Thread(target=processor.run, daemon=True)
+    runner.start()
+    try:
+        assert processor.assigned.wait(60), "the consumer got no partition in 60 s"
+        assert record_new_item(settings, {S.COL_ITEM: NEW_ITEM, "title": "New", S.COL_CATEGORY: 4, "tags": ["n"],
+                                          S.COL_CREATED_AT: LIVE_END.isoformat()})
+        event = {S.COL_EVENT_ID: "n1", S.COL_USER: NEW_ITEM_USER, S.COL_ITEM: NEW_ITEM,
+                 S.COL_EVENT_TYPE: "PURCHASE", S.COL_VALUE: None, S.COL_TS: LIVE_END, S.COL_SESSION: None,
+                 S.COL_CONTEXT: None}
+        produce(settings, [event])
+        deadline = time.monotonic() + 60  # a generous bound: the event takes a batch (100 ms) normally
+        while processor.stats.events < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        processor.request_stop()
+        runner.join(120)
+    assert (processor.stats.applied, processor.stats.dead_letters) == (1, 0)
+    assert live_events(settings)[S.COL_EVENT_ID].tolist() == ["n1"]  # counted offline
+    # a PURCHASE: the new item's category (4, from the items table) counts
+    assert online(settings, [NEW_ITEM_USER])[NEW_ITEM_USER]["preferred_categories"] == [4]
+    assert live_summary(settings.dataset_path).items == 1

@@ -66,6 +66,27 @@ def clear_cached_answers(redis_url: str) -> int:
     return int(client.delete(*keys)) if keys else 0
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a `bentoml serve` and every process it started. Its workers run in sessions of their
+    own, so the process group does not reach them, and a worker stuck in its start-up ignores the
+    arbiter's SIGTERM: left alone it would outlive the test (and hold a model in memory)."""
+    import psutil
+
+    workers: list[psutil.Process] = []
+    with suppress(psutil.Error):
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for worker in workers:
+        with suppress(psutil.Error):
+            worker.kill()
+
+
 @contextmanager
 def serve(env: dict[str, str], log: Path) -> Iterator[Server]:
     """A `bentoml serve` with ``env`` on a free port, ready; it starts and ends with no cached
@@ -89,13 +110,14 @@ def serve(env: dict[str, str], log: Path) -> Iterator[Server]:
                 pass
             time.sleep(0.5)
         else:
-            raise RuntimeError(f"bentoml serve not ready in 180 s: {log.read_text()[-3000:]}")
+            # every thread's stack of the stuck worker (the service registers faulthandler on
+            # SIGUSR1; the arbiter may exit on it, which the teardown below tolerates)
+            with suppress(OSError):
+                os.killpg(proc.pid, signal.SIGUSR1)
+            time.sleep(2)
+            raise RuntimeError(f"bentoml serve not ready in 180 s: {log.read_text()[-12000:]}")
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         with suppress(OSError, RedisConnectionError):  # a test may end with its Redis stopped
             clear_cached_answers(env["REDIS_URL"])

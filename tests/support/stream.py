@@ -21,12 +21,14 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import redis
 from kafka import KafkaConsumer, TopicPartition
 
 from pipelines import feature_store as fs
 from pipelines.canonical import CanonicalWriter
 from pipelines.events import EventProducer
+from pipelines.live_log import LIVE_PREFIX, REPLAY_HEADERS
 from pipelines.realtime_rules import FEATURES, DedupeWindow, Event, UserState, fold_user, to_us
 from pipelines.stack import ensure_topics
 from pipelines.stream import StateStore, StreamOptions, StreamProcessor
@@ -46,8 +48,9 @@ def category(item: int) -> int:
     return (item - 1) // 3
 
 
-def clickstream(users: tuple[int, ...], per_user: int, seed: int, prefix: str) -> list[dict[str, Any]]:
-    """Deterministic events over the two hours before END, distinct times within a user."""
+def clickstream(users: tuple[int, ...], per_user: int, seed: int, prefix: str,
+                end: datetime = END) -> list[dict[str, Any]]:
+    """Deterministic events over the two hours before ``end``, distinct times within a user."""
     rng = random.Random(seed)
     events = []
     for user in users:
@@ -57,7 +60,7 @@ def clickstream(users: tuple[int, ...], per_user: int, seed: int, prefix: str) -
             events.append({
                 S.COL_EVENT_ID: f"{prefix}-{user}-{n}", S.COL_USER: user, S.COL_ITEM: rng.randint(1, N_ITEMS),
                 S.COL_EVENT_TYPE: etype, S.COL_VALUE: float(rng.randint(1, 5)) if etype == "RATING" else None,
-                S.COL_TS: END - timedelta(milliseconds=ms), S.COL_SESSION: f"s{user}",
+                S.COL_TS: end - timedelta(milliseconds=ms), S.COL_SESSION: f"s{user}",
                 S.COL_CONTEXT: {"device": "web", "location": "GB", "referrer": "direct"},
             })
     return events
@@ -112,9 +115,20 @@ def scoped(ws: Settings, name: str) -> Settings:
     return settings
 
 
-def produce(settings: Settings, events: list[dict[str, Any]]) -> None:
-    with EventProducer(settings.effective_kafka_bootstrap, settings.events_topic) as producer:
+def produce(settings: Settings, events: list[dict[str, Any]], replay: bool = False) -> None:
+    """Send ``events`` keyed by user; ``replay``: as ``recsys events replay`` sends events the
+    offline log already holds (the stream folds them but does not log them again)."""
+    headers = REPLAY_HEADERS if replay else None
+    with EventProducer(settings.effective_kafka_bootstrap, settings.events_topic, headers=headers) as producer:
         producer.send_many(events)
+
+
+def live_events(settings: Settings) -> pd.DataFrame:
+    """The events that the stream of ``settings.events_topic`` logged in the dataset's events table."""
+    files = sorted((settings.dataset_path / "events").glob(f"{LIVE_PREFIX}*-{settings.events_topic}-p*.parquet"))
+    if not files:
+        return S.EVENTS_SCHEMA.empty_table().to_pandas()
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
 
 
 def run_stream(settings: Settings, **options: Any) -> Any:
