@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Two pytest workers, each taking whole modules (module fixtures such as a served model start
 # once): much of the suite waits on real servers, Kafka and subprocesses, so two workers on two
-# cores finish well before one. Each worker starts its own isolated stack. XDIST= runs serially.
+# cores overlap those waits. Each worker starts its own isolated stack. XDIST= runs serially.
 XDIST ?= -n 2 --dist loadfile
 
 .PHONY: install demo test test-slow down up status bench clean help

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from bentos.catalog import ItemCatalog
+from bentos.experiments import Arm, ArmPolicy
 from bentos.rules import Ruled
 
 #: the item metadata an answer carries (the online store's values win over the catalogue's)
@@ -26,11 +27,12 @@ class Recommendation:
     model_versions: dict[str, str]
     degraded_reasons: list[str] = field(default_factory=list)
     top: list[dict[str, Any]] = field(default_factory=list)  # the full top list (what the cache holds)
+    arm: str | None = None  # the experiment's arm the user is in (bentos.experiments); None: no experiment
 
     def to_dict(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "items": self.items, "cold_start": self.cold_start,
                 "degraded": self.degraded, "cached": self.cached, "model_versions": self.model_versions,
-                "degraded_reasons": self.degraded_reasons}
+                "degraded_reasons": self.degraded_reasons, "arm": self.arm}
 
 
 @dataclass
@@ -67,17 +69,21 @@ class RankedList:
 class Answer:
     """Turns ranked lists into responses: the first ``cache_size`` items decorated, k shown."""
 
-    def __init__(self, catalog: ItemCatalog, cache_size: int, model_versions: dict[str, str]) -> None:
+    def __init__(self, catalog: ItemCatalog, cache_size: int, model_versions: dict[str, str],
+                 arms: ArmPolicy | None = None) -> None:
         self.catalog = catalog
         self.cache_size = cache_size
         self.model_versions = model_versions
+        self.arms = arms or ArmPolicy(None, model_versions)
 
     def build(self, user_id: int, ranked: RankedList, k: int, cold_start: bool,
-              reasons: list[str]) -> Recommendation:
-        """A fresh answer: degraded when any stage gave a reason; ``top`` is what the cache holds."""
+              reasons: list[str], arm: Arm | None = None) -> Recommendation:
+        """A fresh answer: degraded when any stage gave a reason; ``top`` is what the cache holds;
+        in an experiment it carries the arm and the arm's model versions."""
         items = self.items(ranked.item_ids, ranked.scores.tolist(), ranked.strategies,
                            ranked.metadata)[: self.cache_size]
-        rec = Recommendation(user_id, items[:k], cold_start, bool(reasons), False, self.model_versions, reasons)
+        rec = Recommendation(user_id, items[:k], cold_start, bool(reasons), False, self.arms.versions(arm), reasons,
+                             arm=arm.name if arm is not None else None)
         rec.top = items
         return rec
 

@@ -21,11 +21,15 @@ import redis.asyncio
 
 from bentos.answer import Recommendation
 from bentos.breaker import RedisBreaker
+from bentos.experiments import EXPERIMENT_KEY, ArmPolicy
 from bentos.metrics import METRICS
 from recsys.schema import recs_cache_key as cache_key  # one definition: the stream deletes it
 
 #: The ``model_versions`` keys naming the models: a cached answer of other ones is not served.
 MODEL_KEYS = ("index", "ranker")
+
+#: what a cached answer must share with a fresh one: the models and the experiment
+_COMPARED = (*MODEL_KEYS, EXPERIMENT_KEY)
 
 __all__ = ["AsyncCacheReader", "RecommendationCache", "cache_allowed", "cache_key", "cache_payload"]
 
@@ -38,20 +42,22 @@ def cache_allowed(context: Mapping[str, Any] | None) -> bool:
 
 
 def cache_payload(rec: Recommendation) -> bytes:
-    """What ``recs:{user_id}`` holds: the full top list, cold start flag and model versions (JSON)."""
-    return orjson.dumps({"items": rec.top, "cold_start": rec.cold_start, "model_versions": rec.model_versions})
+    """What ``recs:{user_id}`` holds: the full top list, cold start flag, model versions and arm (JSON)."""
+    return orjson.dumps({"items": rec.top, "cold_start": rec.cold_start, "model_versions": rec.model_versions,
+                         "arm": rec.arm})
 
 
 class RecommendationCache:
     """Reads and writes ``recs:{user_id}`` through the shared Redis breaker."""
 
     def __init__(self, client: redis.Redis, breaker: RedisBreaker, pool: Executor, ttl_s: int,
-                 model_versions: dict[str, str]) -> None:
+                 model_versions: dict[str, str], arms: ArmPolicy | None = None) -> None:
         self.client = client
         self.breaker = breaker
         self.pool = pool
         self.ttl_s = ttl_s
         self.model_versions = model_versions
+        self.arms = arms or ArmPolicy(None, model_versions)
 
     def read(self, user_id: int, k: int, context: Mapping[str, Any] | None) -> Recommendation | None:
         """The cached answer, or None (a miss, a request that may not use the cache, Redis down).
@@ -62,9 +68,10 @@ class RecommendationCache:
         return self.from_raw(user_id, raw, k) if ok and raw else None
 
     def from_raw(self, user_id: int, raw: bytes, k: int) -> Recommendation | None:
-        """A cache hit: the stored top list (JSON) sliced to k; None if the entry is unreadable
-        or was computed by another index or ranker than this engine's (then it is a miss, and the
-        fresh answer overwrites it)."""
+        """A cache hit: the stored top list (JSON) sliced to k; None if the entry is unreadable,
+        was computed by another index or ranker than this engine's, or in another arm or experiment
+        than the user's now (then it is a miss, and the fresh answer overwrites it). The key stays
+        one per user (the stream deletes it): a user is in one arm, so one entry is enough."""
         try:
             cached = orjson.loads(raw)
             body = cached if isinstance(cached, dict) else {"items": cached}
@@ -72,11 +79,16 @@ class RecommendationCache:
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             log.warning("unreadable cache entry for user %s (%s): recomputing", user_id, exc)
             return None
-        versions = dict(body.get("model_versions") or self.model_versions)
-        if any(versions.get(key) != self.model_versions.get(key) for key in MODEL_KEYS):
+        arm = self.arms.arm(user_id)
+        name = arm.name if arm is not None else None
+        if body.get("arm") != name:
+            return None  # another arm's answer (the experiment changed since): never served
+        expected = self.arms.versions(arm)
+        versions = dict(body.get("model_versions") or expected)
+        if any(versions.get(key) != expected.get(key) for key in _COMPARED):
             return None  # computed by other models (a promotion since): a miss, and overwritten
         METRICS.cache.labels(result="hit").inc()
-        return Recommendation(user_id, items[:k], bool(body.get("cold_start")), False, True, versions)
+        return Recommendation(user_id, items[:k], bool(body.get("cold_start")), False, True, versions, arm=name)
 
     def write(self, rec: Recommendation) -> None:
         """Store the answer's top list with the TTL, in the pool: off the response path."""

@@ -17,6 +17,10 @@ the precompute job both call. :meth:`RecommendationEngine.recommend` runs the st
 6. answer (bentos.answer): the top ``cache_size`` cached (off the response path), the first k
    returned; a ``new_item_share`` of personalised answers show one new item at ``new_item_slot``.
 
+In an experiment (bentos.experiments) the user's arm decides the scoring: ``ranker`` as above,
+``blend`` the same stages with the ranker skipped, ``popularity`` popular items only (no
+features, candidates or scoring); the answer and its cached copy carry the arm.
+
 Redis down: answers still come from the in-memory catalogue (popular items), flagged
 ``degraded``; a circuit breaker (bentos.breaker) skips Redis for ``redis_retry_s`` after a
 failure, and the next call after that tries it again, so recovery is automatic.
@@ -42,6 +46,7 @@ from bentos.candidates.merge import CandidateSet
 from bentos.candidates.strategies import Candidates
 from bentos.catalog import ItemCatalog
 from bentos.config import ServingConfig
+from bentos.experiments import Arm, ArmPolicy, Experiment
 from bentos.features import OnlineFeatures, UserFeatures
 from bentos.metrics import METRICS, stage
 from bentos.scoring import Scorer, Scoring
@@ -67,6 +72,7 @@ class RecommendationEngine:
         config: ServingConfig | None = None,
         now: Callable[[], datetime] | None = None,
         model_versions: Mapping[str, str] | None = None,
+        experiment: Experiment | None = None,
     ) -> None:
         self.catalog = catalog
         self.client = client
@@ -74,17 +80,19 @@ class RecommendationEngine:
         self.config = cfg = config or ServingConfig()
         self.now = now or (lambda: catalog.snapshot_time or datetime.now().astimezone())
         self.model_versions = dict(model_versions or {})
+        self.arms = ArmPolicy(experiment, self.model_versions)
         self.breaker = RedisBreaker(cfg.redis_retry_s)
         self._pool = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="recsys")
         self.flights: SingleFlight[Recommendation] = SingleFlight()
         #: FAISS may not be searched while an item is being added (POST /items): both take this lock
         self.index_lock = threading.Lock()
-        self.cache = RecommendationCache(client, self.breaker, self._pool, cfg.cache_ttl_s, self.model_versions)
+        self.cache = RecommendationCache(client, self.breaker, self._pool, cfg.cache_ttl_s, self.model_versions,
+                                         self.arms)
         self.features = OnlineFeatures(read_features, client, self.breaker)
         self.cold_start = ColdStart(catalog, cfg.cache_size, cfg.exploration_every, self.now)
         self.candidates = Candidates(catalog, client, self.breaker, self._pool, index, self.index_lock, cfg, self.now)
         self.scoring = Scoring(scorer, index, self.index_lock, cfg)
-        self.answer = Answer(catalog, cfg.cache_size, self.model_versions)
+        self.answer = Answer(catalog, cfg.cache_size, self.model_versions, self.arms)
 
     def recommend(self, user_id: int, k: int = 10, context: Mapping[str, Any] | None = None,
                   use_cache: bool = True, cache_checked: bool = False) -> Recommendation:
@@ -99,7 +107,8 @@ class RecommendationEngine:
                 return hit
         METRICS.cache.labels(result="miss").inc()
         key = (user_id, k, use_cache, repr(sorted(context.items())))
-        rec, shared = self.flights.run(key, lambda: self._compute(user_id, k, context, use_cache))
+        arm = self.arms.arm(user_id)
+        rec, shared = self.flights.run(key, lambda: self._compute(user_id, k, context, use_cache, arm))
         if shared:
             METRICS.coalesced.inc()
         return rec
@@ -115,37 +124,43 @@ class RecommendationEngine:
 
     # ---- the three paths of a cache miss -----------------------------------------------------
 
-    def _compute(self, user_id: int, k: int, context: Mapping[str, Any], use_cache: bool) -> Recommendation:
+    def _compute(self, user_id: int, k: int, context: Mapping[str, Any], use_cache: bool,
+                 arm: Arm | None = None) -> Recommendation:
         """A cache miss: the features (with the reads that need only the user id started beside
-        them), then cold start, the personalised flow, or popular items when Redis is down."""
-        onboarding = [int(c) for c in context.get("categories") or []]
+        them), then cold start, the personalised flow, or popular items when Redis is down; in a
+        ``popularity`` arm, popular items only."""
         reasons: list[str] = []
+        if arm is not None and arm.mode == "popularity":
+            return self._popularity_arm(user_id, k, reasons, arm, use_cache)
+        onboarding = [int(c) for c in context.get("categories") or []]
         purchased_read = self._pool.submit(_with_reasons, self.features.purchased, user_id)
         trending_read = self._pool.submit(_with_reasons, self.candidates.overall_trending)
         with stage("features"):
             user = self.features.user(user_id, reasons)
             if user is None:  # Redis is down: popular items from memory
                 trending_read.cancel()
-                return self._popular_answer(user_id, k, reasons)
+                return self._popular_answer(user_id, k, reasons, arm)
             purchased = _collect(purchased_read, reasons)
         if user.interactions < self.config.cold_start_threshold or onboarding:
             trending_read.cancel()  # cold start needs no trending list: skip the read if not begun
             return self._cold_start(user_id, user, k, onboarding, purchased, reasons,
-                                    cache=use_cache and not onboarding)
-        return self._personalised(user_id, user, k, context, purchased, trending_read, reasons, cache=use_cache)
+                                    cache=use_cache and not onboarding, arm=arm)
+        return self._personalised(user_id, user, k, context, purchased, trending_read, reasons, cache=use_cache,
+                                  arm=arm)
 
     def _personalised(self, user_id: int, user: UserFeatures, k: int, context: Mapping[str, Any],
                       purchased: set[int], trending_read: Future[tuple[list[int], list[str]]],
-                      reasons: list[str], cache: bool) -> Recommendation:
+                      reasons: list[str], cache: bool, arm: Arm | None = None) -> Recommendation:
         seen = set(user.recent) | purchased
         with stage("candidates"):
             cands = self.candidates.generate(user, seen, reasons, _collect(trending_read, reasons))
         if not cands.item_ids:
-            return self._cold_start(user_id, user, k, [], purchased, reasons, cache)
+            return self._cold_start(user_id, user, k, [], purchased, reasons, cache, arm)
         with stage("item_features"):
             item_feats = self.features.items(cands.item_ids, reasons)
         with stage("scoring"):
-            scores = self.scoring.score(user, item_feats, cands, context, reasons)
+            scores = self.scoring.score(user, item_feats, cands, context, reasons,
+                                        use_ranker=arm is None or arm.mode == "ranker")
         with stage("rules"):
             ruled = rules.apply_rules(scores, rules.facts_for(self.catalog, cands.item_ids, cands.trending, item_feats),
                                       purchased)
@@ -155,22 +170,32 @@ class RecommendationEngine:
             # a fixed slot (the default k's last): exploration without burying the best, and the
             # same position in a cached top list as in a fresh answer, whatever k either asked for
             ranked.insert(min(self.config.new_item_slot, len(ranked)) - 1, new_item, "new_item")
-        return self._finish(user_id, ranked, k, False, reasons, cache)
+        return self._finish(user_id, ranked, k, False, reasons, cache, arm)
 
     def _cold_start(self, user_id: int, user: UserFeatures, k: int, onboarding: list[int], purchased: set[int],
-                    reasons: list[str], cache: bool) -> Recommendation:
+                    reasons: list[str], cache: bool, arm: Arm | None = None) -> Recommendation:
         with stage("cold_start"):
             cands = self.cold_start.candidates(user, onboarding)
             ruled = self._rule_popular(cands, purchased)
-        return self._finish(user_id, RankedList.from_ruled(ruled, cands.strategies), k, True, reasons, cache)
+        return self._finish(user_id, RankedList.from_ruled(ruled, cands.strategies), k, True, reasons, cache, arm)
 
-    def _popular_answer(self, user_id: int, k: int, reasons: list[str]) -> Recommendation:
+    def _popular_answer(self, user_id: int, k: int, reasons: list[str], arm: Arm | None = None) -> Recommendation:
         """Redis is down: popular items from memory, never cached."""
         METRICS.fallbacks.labels(kind="popular").inc()
         cands = self.cold_start.popular_only()
         ruled = self._rule_popular(cands, set())
         return self._finish(user_id, RankedList.from_ruled(ruled, cands.strategies), k, False,
-                            reasons or ["degraded"], cache=False)
+                            reasons or ["degraded"], cache=False, arm=arm)
+
+    def _popularity_arm(self, user_id: int, k: int, reasons: list[str], arm: Arm, cache: bool) -> Recommendation:
+        """An experiment's ``popularity`` arm: popular items across categories, the user's purchases
+        removed by the rules; no features, candidates or ranker (the baseline of personalisation)."""
+        with stage("features"):
+            purchased = self.features.purchased(user_id, reasons)
+        with stage("cold_start"):
+            cands = self.cold_start.popular_only()
+            ruled = self._rule_popular(cands, purchased)
+        return self._finish(user_id, RankedList.from_ruled(ruled, cands.strategies), k, False, reasons, cache, arm)
 
     # ---- shared steps ------------------------------------------------------------------------
 
@@ -180,8 +205,8 @@ class RecommendationEngine:
                                  rules.facts_for(self.catalog, cands.item_ids), purchased)
 
     def _finish(self, user_id: int, ranked: RankedList, k: int, cold_start: bool, reasons: list[str],
-                cache: bool) -> Recommendation:
-        rec = self.answer.build(user_id, ranked, k, cold_start, reasons)
+                cache: bool, arm: Arm | None = None) -> Recommendation:
+        rec = self.answer.build(user_id, ranked, k, cold_start, reasons, arm)
         if cache and not reasons:  # a degraded answer is never cached: the next request retries
             self.cache.write(rec)
         return rec

@@ -19,6 +19,7 @@ import redis
 from bentos.catalog import ItemCatalog
 from bentos.config import ServingConfig
 from bentos.engine import RecommendationEngine
+from bentos.experiments import Experiment
 from bentos.features import ITEM_FEATURES, USER_FEATURES
 from bentos.scoring import Scorer
 from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL, RUN_ID_LABEL
@@ -162,11 +163,13 @@ def load_scorer(folder: Path | None) -> Scorer | None:
 def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: Path | None = None,
                  config: ServingConfig | None = None, model_versions: Mapping[str, str] | None = None,
                  client: redis.Redis | None = None, scorer: Scorer | None = None,
-                 now: Callable[[], datetime] | None = None) -> RecommendationEngine:
+                 now: Callable[[], datetime] | None = None,
+                 experiment: Experiment | None = None) -> RecommendationEngine:
     """The engine with the catalogue, the online reader, the index of ``index_dir`` and the
     ranker of ``ranker_dir`` (or ``scorer``, already loaded), items added while serving replayed,
     and the ranker warmed up with its time budget measured (:meth:`Scoring.calibrate`). ``now``:
-    the engine's clock (default: the catalogue's snapshot time; the evaluation sets its cutoff)."""
+    the engine's clock (default: the catalogue's snapshot time; the evaluation sets its cutoff).
+    ``experiment``: split users into its arms (the service and precompute pass the declared one)."""
     from pipelines.feature_store import get_store
     from pipelines.online_features import OnlineFeatureReader
 
@@ -179,7 +182,7 @@ def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: 
         model_versions = {**(model_versions or {}), "ranker_variant": str(scorer.variant)}  # type: ignore[union-attr]
     engine = RecommendationEngine(catalog, client, reader.read, index=load_index(index_dir),
                                   scorer=scorer, config=config,
-                                  now=now, model_versions=model_versions)
+                                  now=now, model_versions=model_versions, experiment=experiment)
     replay_new_items(engine, new_items_log(settings))
     if engine.scoring.scorer is not None:
         engine.scoring.calibrate(warm_up_items(catalog, config.n_candidates))

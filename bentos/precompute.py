@@ -139,6 +139,7 @@ def precompute_engine(settings: Settings, config: PrecomputeConfig | None = None
                       bentoml_home: Path | None = None) -> RecommendationEngine:
     """The service's engine on the service's models (the champion's index and ranker, else the latest),
     with this job's ranker budget and a ranker queue that holds every worker's call."""
+    from bentos.experiments import experiment_of
     from bentos.factory import build_engine, served_models, serving_config
 
     cfg = config or PrecomputeConfig()
@@ -148,7 +149,7 @@ def precompute_engine(settings: Settings, config: PrecomputeConfig | None = None
                              ranker_queue=max(base.ranker_queue, cfg.workers))
     log.info("precompute models: %s", ", ".join(f"{k}={v}" for k, v in sorted(models.versions.items())))
     return build_engine(settings, models.index_dir, models.ranker_dir, config=serving,
-                        model_versions=models.versions)
+                        model_versions=models.versions, experiment=experiment_of(settings))
 
 
 @dataclass

@@ -96,6 +96,8 @@ class RecommendResponse(BaseModel):
     cached: bool
     model_versions: dict[str, str]
     degraded_reasons: list[str] = []
+    #: the experiment's arm the user is in (bentos.experiments); null when no experiment runs
+    arm: Optional[str] = None
 
 
 class SimilarItemsResponse(BaseModel):

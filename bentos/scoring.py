@@ -72,14 +72,15 @@ class Scoring:
         return budget
 
     def score(self, user: UserFeatures, item_feats: Mapping[str, Sequence[Any]] | None, cands: CandidateSet,
-              context: Mapping[str, Any], reasons: list[str]) -> np.ndarray:
+              context: Mapping[str, Any], reasons: list[str], use_ranker: bool = True) -> np.ndarray:
         """One score in [0, 1] per candidate. A ranker timeout, error or busy executor (every
         ranker thread taken and its queue full: the ranker is skipped without waiting) is counted,
         gives a reason (the answer is degraded) and falls back to the cosine; without item
-        features, a user vector or a ranker, to the blend."""
+        features, a user vector or a ranker, to the blend. ``use_ranker=False`` (an experiment's
+        ``blend`` arm): the blend, the ranker never called."""
         ids = np.asarray(cands.item_ids, dtype=np.int64)
         strat_scores = np.asarray(cands.scores, dtype=np.float64)
-        if self.scorer is not None and item_feats is not None:
+        if use_ranker and self.scorer is not None and item_feats is not None:
             inputs = {**item_feats, **self.recent_similarity(user.values, ids)}
             try:
                 logits = np.asarray(self.executor.call(self.scorer.score, user.values, inputs, ids, strat_scores,

@@ -90,8 +90,10 @@ class Recommender:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
         self.settings = load_settings()
+        self.experiment = _experiment(self.settings)
         models = describe_models(_stored(self.index_model), _stored(self.ranker_model))
-        self.engine = build_engine(self.settings, models.index_dir, models.ranker_dir, model_versions=models.versions)
+        self.engine = build_engine(self.settings, models.index_dir, models.ranker_dir, model_versions=models.versions,
+                                   experiment=self.experiment)
         self.cache = AsyncCacheReader(self.engine.cache, self.settings.effective_redis_url)
         self.reloader = _reloader(self)  # a promotion swaps self.engine (bentos/reload.py)
         self.impressions = impression_logger(self.settings)
@@ -138,7 +140,7 @@ class Recommender:
                 functools.partial(self.engine.recommend, user_id, k, ctx, cache_checked=True))
         # the id goes beside the answer, not into it: coalesced misses share one answer object
         request_id = new_request_id()
-        self.impressions.log(rec, request_id)  # O(1), never waits (bentos/impressions.py)
+        self.impressions.log(rec, request_id, rec.arm)  # O(1), never waits (bentos/impressions.py)
         return RecommendResponse(request_id=request_id, **rec.to_dict())
 
     @bentoml.api(route="/similar_items")
@@ -242,12 +244,29 @@ def _reloader(service: Recommender) -> Any:
     from bentos.reload import ModelReloader
 
     def build(models: Any) -> Any:
-        return build_engine(service.settings, models.index_dir, models.ranker_dir, model_versions=models.versions)
+        return build_engine(service.settings, models.index_dir, models.ranker_dir, model_versions=models.versions,
+                            experiment=service.experiment)
 
     reloader = ModelReloader(lambda: service.engine, served_models, build, service._swap,
                              service.settings.model_reload_poll_s)
     reloader.start()
     return reloader
+
+
+def _experiment(settings: Any) -> Any:
+    """The declared experiment (``RECSYS_EXPERIMENT_FILE``), read once at start-up; an invalid
+    file is logged and the service serves without an experiment (every ``arm`` null)."""
+    from bentos.experiments import ExperimentError, experiment_of
+
+    try:
+        experiment = experiment_of(settings)
+    except ExperimentError as exc:
+        log.error("%s: serving without an experiment", exc)
+        return None
+    if experiment is not None:
+        log.info("experiment %s: arms %s", experiment.name,
+                 ", ".join(f"{a.name} ({a.mode}, {a.share:g})" for a in experiment.arms))
+    return experiment
 
 
 def _parse_created(row: dict[str, Any]) -> dict[str, Any]:

@@ -184,6 +184,11 @@ class Settings(BaseSettings):
     #: How often each service worker checks the champion pointer for a promotion.
     model_reload_poll_s: float = Field(10.0, gt=0)
 
+    # A/B experiments (bentos.experiments).
+    #: The YAML or JSON file declaring the running experiment (name, salt, arms with shares and
+    #: scoring modes); relative to ``home``. None = no experiment: every answer's ``arm`` is null.
+    experiment_file: Path | None = None
+
     #: The platform's "now". None = the latest event of the active dataset.
     as_of: datetime | None = None
 

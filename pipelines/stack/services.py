@@ -77,6 +77,9 @@ def service_definitions(settings: Settings, run_dir: Path, stream_workers: int |
                 "--port", str(s.mlflow_port),
                 "--workers", "1",
             ],
+            # MLflow's job execution (a job runner and seven huey consumer processes per server,
+            # about 2 GB in all) serves features this platform does not use: off
+            env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             healthy=lambda: http_healthy(f"{s.effective_mlflow_uri.rstrip('/')}/health"),
             start_timeout_s=90.0,  # first start migrates the SQLite schema
         ),

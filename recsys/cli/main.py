@@ -17,6 +17,7 @@ import typer
 
 from recsys.cli.common import CliError, parse_time, settings_of
 from recsys.cli.features import features_app
+from recsys.cli.report import report_app
 from recsys.cli.serving import precompute_cmd, serve
 from recsys.cli.schedule import schedule_app
 from recsys.cli.simulate import simulate_cmd
@@ -44,6 +45,7 @@ app.add_typer(stream_app, name="stream")
 app.command("trending")(trending_cmd)
 app.command("simulate")(simulate_cmd)
 app.add_typer(schedule_app, name="schedule")
+app.add_typer(report_app, name="report")
 register_model_commands(app)  # train, index, evaluate
 
 log = logging.getLogger("recsys")

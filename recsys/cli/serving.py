@@ -42,7 +42,12 @@ def precompute_cmd(
     settings = settings_of(ctx)
     now = reference_time_of(ctx)
     config = PrecomputeConfig(window_hours=hours, workers=workers or default_workers(), ttl_s=ttl, hot_ttl_s=hot_ttl)
-    engine = precompute_engine(settings, config, bentoml_home)
+    from bentos.experiments import ExperimentError
+
+    try:
+        engine = precompute_engine(settings, config, bentoml_home)
+    except ExperimentError as exc:  # the cache must hold each user's arm: no experiment, no guess
+        raise CliError(str(exc)) from exc
     try:
         users = active_users(settings, now, hours)
         stats = precompute(engine, users, config, tier=tier)  # type: ignore[arg-type]

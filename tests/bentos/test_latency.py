@@ -109,7 +109,7 @@ def test_a_hung_ranker_times_out_without_holding_requests(feature_ws: Settings, 
             t.join(30)
         assert set(answers) == set(users) and not scorer.gate.is_set()
         reasons = [rec.degraded_reasons for rec in answers.values()]  # type: ignore[attr-defined]
-        assert all(r in (["ranker timeout"], ["ranker busy"]) for r in reasons)
+        assert all(r in (["ranker timeout"], ["ranker busy"]) for r in reasons), reasons
         assert all(len(rec.items) == 5 for rec in answers.values())  # type: ignore[attr-defined]
         after = {kind: _sample("recsys_fallbacks_total", kind=kind) for kind in before}
         assert sum(after.values()) - sum(before.values()) == len(users)

@@ -1,10 +1,14 @@
 """A real `bentoml serve` with a trained ranker in its model store: answers carry the ranker's
 version and its scores (the ranker's logits as the rules turn them into answer scores, recomputed
 in process with :class:`RankerScorer` on the engine's candidates and features), and a ranker whose
-SavedModel fails at call time gives the cosine fallback, flagged, for every request."""
+SavedModel fails at call time gives the cosine fallback, flagged, for every request. The server
+runs an A/B experiment (ranker, blend and popularity arms): the users compared with the ranker are
+in its ranker arm, and the blend and popularity arms answer without the ranker, cached per arm."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +26,7 @@ from models.ranker.scorer import RankerScorer
 from recsys.config import Settings
 from recsys.schema import recs_cache_key
 from tests.support.feature_workspace import DIM
+from tests.support.experiments import experiment_file, served_impression
 from tests.support.models import train_tiny_ranker
 from tests.support.service_process import Server, serve, service_env
 from tests.support.serving import build_index, personalised_users
@@ -45,13 +50,22 @@ def tiny_ranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+ARMS = (("ranker", 0.4, "ranker"), ("blend", 0.3, "blend"), ("popularity", 0.3, "popularity"))
+
+
 @pytest.fixture(scope="module")
 def ranked_server(feature_ws: Settings, tiny_ranker_dir: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = _store(tmp_path_factory.mktemp("bentoml-ranker"), tiny_ranker_dir)
+    # an experiment whose salt puts the users the ranker tests use in its ranker arm (the next two in
+    # the blend and popularity arms): one server serves both kinds of test
+    users = personalised_users(feature_ws)
+    exp = tmp_path_factory.mktemp("experiment") / "experiment.json"
+    experiment_file(exp, ARMS, {**dict.fromkeys(users[:3], "ranker"), users[3]: "blend", users[4]: "popularity"})
     # a fixed, generous budget: this test is about what the ranker answers, not its latency, and
     # a loaded machine must not turn an answer into a timeout fallback
-    env = service_env(feature_ws, home, RECSYS_RANKER_TIMEOUT_MS="5000", RECSYS_RANKER_PRECISION="auto")
+    env = service_env(feature_ws, home, RECSYS_RANKER_TIMEOUT_MS="5000", RECSYS_RANKER_PRECISION="auto",
+                      RECSYS_EXPERIMENT_FILE=str(exp))
     with serve(env, tmp_path_factory.mktemp("serve-ranker") / "serve.log") as srv:
         yield srv
 
@@ -109,6 +123,51 @@ def test_answers_carry_the_rankers_version_and_scores(ranked_server: Server, fea
             assert any(matches), (user, served)
     finally:
         engine.close()
+
+
+def test_answers_carry_their_arm_and_the_blend_arm_never_asks_the_ranker(
+        ranked_server: Server, feature_ws: Settings, tmp_path: Path) -> None:
+    users = personalised_users(feature_ws)
+    ranked = _fresh(ranked_server, feature_ws, users[0], 10)
+    assert ranked["arm"] == "ranker" and ranked["model_versions"]["ranker"].startswith(f"{BENTO_RANKER_MODEL}:")
+    assert ranked["model_versions"]["experiment"] == "test-exp"
+    blended = _fresh(ranked_server, feature_ws, users[3], 10)
+    assert blended["arm"] == "blend" and blended["degraded"] is False and blended["cold_start"] is False
+    # no ranker in the versions: the index only, and the experiment
+    assert {k for k in blended["model_versions"] if k.startswith("ranker")} == set()
+    assert blended["model_versions"]["index"].startswith(f"{BENTO_INDEX_MODEL}:")
+    # the answer is the strategy blend's: what an engine with no ranker at all answers in process
+    engine = build_engine(feature_ws, build_index(tmp_path / "index"))
+    try:
+        assert engine.scoring.scorer is None
+        expected = engine.recommend(users[3], 10, use_cache=False)
+        assert [(i["item_id"], i["score"]) for i in blended["items"]] == [(i["item_id"], i["score"]) for i in expected.items]
+    finally:
+        engine.close()
+    popular = _fresh(ranked_server, feature_ws, users[4], 10)
+    assert popular["arm"] == "popularity" and popular["model_versions"] == {"experiment": "test-exp"}
+    assert {i["strategy"] for i in popular["items"]} == {"popular"} and len(popular["items"]) == 10
+    # the impression carries the arm too
+    row = served_impression(feature_ws.effective_kafka_bootstrap, feature_ws.impressions_topic, blended["request_id"])
+    assert row["arm"] == "blend" and dict(row["model_versions"]) == blended["model_versions"]
+
+
+def test_a_cached_answer_is_served_only_in_its_arm(ranked_server: Server, feature_ws: Settings) -> None:
+    user = personalised_users(feature_ws)[3]  # in the blend arm
+    fresh = _fresh(ranked_server, feature_ws, user, 10)
+    client = redis.Redis.from_url(feature_ws.effective_redis_url)
+    deadline = time.monotonic() + 10  # the cache is written off the response path: poll for the hit
+    while (hit := ranked_server.call("/recommend", {"user_id": user, "k": 10})[2])["cached"] is False:
+        assert time.monotonic() < deadline, "the answer was never cached"
+        time.sleep(0.1)
+    assert hit["arm"] == "blend" and hit["items"] == fresh["items"] and hit["model_versions"] == fresh["model_versions"]
+    # the same entry, marked as computed in the ranker arm (an earlier split of the users): not served
+    entry = json.loads(client.get(recs_cache_key(user)))
+    entry["arm"] = "ranker"
+    entry["model_versions"] = {**entry["model_versions"], "ranker": "ranker:other"}
+    client.set(recs_cache_key(user), json.dumps(entry))
+    status, _, again = ranked_server.call("/recommend", {"user_id": user, "k": 10})
+    assert status == 200 and again["cached"] is False and again["arm"] == "blend", again
 
 
 @pytest.fixture(scope="module")

@@ -221,7 +221,9 @@ def test_feast_cli_materialize_uses_the_engine_with_the_timestamp_check(engine_w
     for settings in engine_ws:
         _clear(client, settings)
     ref = _feast_store(feast, skip_dedup=False)
-    for start, end in ((START, MID), (START, END), (START, MID)):  # the last one is older: all skipped
+    # END first, then MID: every value of the second run is older than what Redis holds, so the
+    # read-before-write check skips it, exactly as Feast's own materialization does
+    for start, end in ((START, END), (START, MID)):
         result = fs.feast_cli(ours, "--log-level", "INFO", "materialize", start.isoformat(), end.isoformat())
         for view in fs.BATCH_ONLY_VIEWS:
             assert f"materialized {view}:" in result.stderr + result.stdout
