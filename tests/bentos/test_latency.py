@@ -108,11 +108,15 @@ def test_a_hung_ranker_times_out_without_holding_requests(feature_ws: Settings, 
         for t in threads:
             t.join(30)
         assert set(answers) == set(users) and not scorer.gate.is_set()
-        reasons = [rec.degraded_reasons for rec in answers.values()]  # type: ignore[attr-defined]
+        # a cold-start answer never reaches the ranker (the workspace is shared: another module
+        # may have changed a user's online state); every other answer fell back
+        ranked = [rec for rec in answers.values() if not rec.cold_start]  # type: ignore[attr-defined]
+        assert len(ranked) >= 2, [(u, rec.cold_start) for u, rec in answers.items()]  # type: ignore[attr-defined]
+        reasons = [rec.degraded_reasons for rec in ranked]  # type: ignore[attr-defined]
         assert all(r in (["ranker timeout"], ["ranker busy"]) for r in reasons), reasons
         assert all(len(rec.items) == 5 for rec in answers.values())  # type: ignore[attr-defined]
         after = {kind: _sample("recsys_fallbacks_total", kind=kind) for kind in before}
-        assert sum(after.values()) - sum(before.values()) == len(users)
+        assert sum(after.values()) - sum(before.values()) == len(ranked)
         # one call holds the only ranker thread; the calls queued behind it were cancelled when
         # their requests gave up, so they never ran and their slots are free
         assert scorer.calls == 1 and engine.scoring.executor.in_flight == 1
