@@ -62,6 +62,7 @@ bench: install
 	$(BIN)/python -m benchmarks.training
 	$(BIN)/python -m benchmarks.quality
 	$(BIN)/python -m benchmarks.serving
+	$(BIN)/python -m benchmarks.loop
 
 clean: down
 	rm -rf data run

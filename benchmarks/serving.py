@@ -80,7 +80,7 @@ async def _floor(base: str, n: int) -> list[float]:
     return latencies
 
 
-async def _phase(base: str, users: list[int], concurrency: int) -> tuple[list[float], float, int, list[dict]]:
+async def phase(base: str, users: list[int], concurrency: int) -> tuple[list[float], float, int, list[dict]]:
     """One /recommend per user with ``concurrency`` closed-loop clients: (latencies ms, rps,
     errors, the answers' ``cached`` flags and model versions)."""
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -114,6 +114,16 @@ async def _phase(base: str, users: list[int], concurrency: int) -> tuple[list[fl
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     return latencies, len(latencies) / elapsed, errors, answers
+
+
+def checked_hit_ratio(base: str, answers: list[dict]) -> float:
+    """The share of a hit phase's answers flagged ``cached``; below :data:`MIN_HIT_RATIO` the
+    phase did not measure hits and the run fails, saying so."""
+    ratio = float(np.mean([bool(a["cached"]) for a in answers])) if answers else 0.0
+    if ratio < MIN_HIT_RATIO:
+        raise SystemExit(f"the hit phase at {base} was not served from the cache: {ratio:.3f} of its answers "
+                         f"were cached (need >= {MIN_HIT_RATIO}); is the cache TTL or Redis misconfigured?")
+    return ratio
 
 
 def _metrics(base: str) -> str:
@@ -167,7 +177,8 @@ def _stage_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[
     return out
 
 
-def _users(settings: Settings, n: int) -> list[int]:
+def active_users(settings: Settings, n: int) -> list[int]:
+    """Up to ``n`` users with at least 20 events (personalised, not cold start), in a seeded order."""
     table = pads.dataset(settings.dataset_path / "events").to_table(columns=[S.COL_USER])
     counts = table.column(0).to_pandas().value_counts()
     active = counts[counts >= 20].index.to_numpy()  # personalised users (not cold start)
@@ -210,20 +221,17 @@ def service(settings: Settings, env: dict[str, str], log_path: Path) -> Iterator
 
 def measure(base: str, client: redis.Redis, miss_c1: list[int], miss_c8: list[int]) -> dict[str, Any]:
     """The phases of one variant (module docstring); fails when the hit phase did not hit."""
-    asyncio.run(_phase(base, miss_c1[:20], 1))  # warm-up: connections, lazy imports, FAISS pages
+    asyncio.run(phase(base, miss_c1[:20], 1))  # warm-up: connections, lazy imports, FAISS pages
     client.delete(*[cache_key(u) for u in miss_c1 + miss_c8])
     text = _metrics(base)
     before, buckets_before = _stage_totals(text), _scoring_buckets(text)
-    miss, _, miss_err, answers = asyncio.run(_phase(base, miss_c1, 1))
+    miss, _, miss_err, answers = asyncio.run(phase(base, miss_c1, 1))
     text = _metrics(base)
     after, buckets_after = _stage_totals(text), _scoring_buckets(text)
     time.sleep(2.0)  # cache writes happen off the response path: let them land before the hit phase
-    hit, _, hit_err, hit_answers = asyncio.run(_phase(base, miss_c1, 1))
-    hit_ratio = float(np.mean([bool(a["cached"]) for a in hit_answers])) if hit_answers else 0.0
-    if hit_ratio < MIN_HIT_RATIO:
-        raise SystemExit(f"the hit phase at {base} was not served from the cache: {hit_ratio:.3f} of its answers "
-                         f"were cached (need >= {MIN_HIT_RATIO}); is the cache TTL or Redis misconfigured?")
-    miss8, rps8, miss8_err, _ = asyncio.run(_phase(base, miss_c8, 8))
+    hit, _, hit_err, hit_answers = asyncio.run(phase(base, miss_c1, 1))
+    hit_ratio = checked_hit_ratio(base, hit_answers)
+    miss8, rps8, miss8_err, _ = asyncio.run(phase(base, miss_c8, 8))
     versions = sorted({json.dumps(a["model_versions"], sort_keys=True) for a in answers})
     scoring_mean = after.get("scoring", (0.0, 0.0))
     scoring_before = before.get("scoring", (0.0, 0.0))
@@ -267,7 +275,7 @@ def has_quantized_ranker() -> bool:
 
 def run(settings: Settings, miss_c1: int, miss_c8: int, variants: list[str], workdir: Path) -> dict[str, Any]:
     client = redis.Redis.from_url(settings.effective_redis_url)
-    pool = _users(settings, miss_c1 + miss_c8)
+    pool = active_users(settings, miss_c1 + miss_c8)
     users_c1, users_c8 = pool[:miss_c1], pool[miss_c1:]
     if not users_c1 or not users_c8:
         raise SystemExit(f"only {len(pool)} users with >= 20 events: lower --miss-c1/--miss-c8")

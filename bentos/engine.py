@@ -19,7 +19,8 @@ the precompute job both call. :meth:`RecommendationEngine.recommend` runs the st
 
 In an experiment (bentos.experiments) the user's arm decides the scoring: ``ranker`` as above,
 ``blend`` the same stages with the ranker skipped, ``popularity`` popular items only (no
-features, candidates or scoring); the answer and its cached copy carry the arm.
+features, candidates or scoring); the answer and its cached copy carry the arm. An arm that pins
+model versions is answered by the engine of those models (bentos.arm_engines).
 
 Redis down: answers still come from the in-memory catalogue (popular items), flagged
 ``degraded``; a circuit breaker (bentos.breaker) skips Redis for ``redis_retry_s`` after a
@@ -99,7 +100,11 @@ class RecommendationEngine:
         """``use_cache=False`` neither reads nor writes ``recs:{user_id}`` (the precompute job
         writes the cache itself, with its own TTLs). ``cache_checked=True``: the caller already
         looked the cache up and missed (the service does that on its event loop), so skip the read.
-        Concurrent misses with equal arguments share one computation and its answer object."""
+        Concurrent misses with equal arguments share one computation and its answer object. A user
+        whose arm pins other models is answered by that arm's engine (bentos.arm_engines)."""
+        routed = self.arms.engine(self.arms.arm(user_id))
+        if routed is not None and routed is not self:
+            return routed.recommend(user_id, k, context, use_cache, cache_checked)
         context = dict(context or {})
         if use_cache and not cache_checked:
             hit = self.cache.read(user_id, k, context)

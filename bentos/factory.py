@@ -90,23 +90,39 @@ def latest_model(name: str, bentoml_home: Path | None = None) -> Any | None:
         return None
 
 
+def _describe(stored: Any | None, name: str, label: str) -> tuple[Path | None, dict[str, str]]:
+    """The folder and ``model_versions`` entries of one stored model (None: absent, logged)."""
+    if stored is None:
+        log.warning("no %s in the BentoML model store: run `recsys train` (serving without it)", name)
+        return None, {label: "absent"}
+    versions = {label: str(stored.tag)}
+    run_id = stored.info.labels.get(RUN_ID_LABEL)
+    if run_id:
+        versions[f"{label}_mlflow_run"] = run_id
+    return Path(stored.path), versions
+
+
 def describe_models(index: Any | None, ranker: Any | None) -> ServedModels:
     """Folders and versions of stored BentoML models (None: absent, logged with what to do).
     The service passes its pinned models, precompute the store's latest: one derivation."""
-    versions: dict[str, str] = {}
-    folders: list[Path | None] = []
-    for stored, name, label in ((index, BENTO_INDEX_MODEL, "index"), (ranker, BENTO_RANKER_MODEL, "ranker")):
-        if stored is None:
-            log.warning("no %s in the BentoML model store: run `recsys train` (serving without it)", name)
-            versions[label] = "absent"
-            folders.append(None)
-            continue
-        versions[label] = str(stored.tag)
-        run_id = stored.info.labels.get(RUN_ID_LABEL)
-        if run_id:
-            versions[f"{label}_mlflow_run"] = run_id
-        folders.append(Path(stored.path))
-    return ServedModels(folders[0], folders[1], versions)
+    index_dir, versions = _describe(index, BENTO_INDEX_MODEL, "index")
+    ranker_dir, ranker_versions = _describe(ranker, BENTO_RANKER_MODEL, "ranker")
+    return ServedModels(index_dir, ranker_dir, {**versions, **ranker_versions})
+
+
+def with_pins(champion: ServedModels, pins: Mapping[str, str], bentoml_home: Path | None = None) -> ServedModels:
+    """``champion`` with the models of ``pins`` (BentoML model name -> tag, an arm's
+    :meth:`~bentos.experiments.ArmModels.pins`) replaced by those stored versions. Raises
+    ``bentoml.exceptions.NotFound`` for a tag the store lacks (a reload then keeps what serves)."""
+    from models.tracking import get_bentoml_model
+
+    folders = {BENTO_INDEX_MODEL: champion.index_dir, BENTO_RANKER_MODEL: champion.ranker_dir}
+    versions = dict(champion.versions)
+    for name, label in ((BENTO_INDEX_MODEL, "index"), (BENTO_RANKER_MODEL, "ranker")):
+        if name in pins:
+            folders[name], own = _describe(get_bentoml_model(pins[name], bentoml_home), name, label)
+            versions = {k: v for k, v in versions.items() if not k.startswith(label)} | own
+    return ServedModels(folders[BENTO_INDEX_MODEL], folders[BENTO_RANKER_MODEL], versions)
 
 
 def champion_model(name: str, bentoml_home: Path | None = None) -> Any | None:
@@ -164,23 +180,23 @@ def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: 
                  config: ServingConfig | None = None, model_versions: Mapping[str, str] | None = None,
                  client: redis.Redis | None = None, scorer: Scorer | None = None,
                  now: Callable[[], datetime] | None = None,
-                 experiment: Experiment | None = None) -> RecommendationEngine:
+                 experiment: Experiment | None = None, catalog: ItemCatalog | None = None,
+                 read_features: Callable[..., Any] | None = None) -> RecommendationEngine:
     """The engine with the catalogue, the online reader, the index of ``index_dir`` and the
     ranker of ``ranker_dir`` (or ``scorer``, already loaded), items added while serving replayed,
     and the ranker warmed up with its time budget measured (:meth:`Scoring.calibrate`). ``now``:
     the engine's clock (default: the catalogue's snapshot time; the evaluation sets its cutoff).
-    ``experiment``: split users into its arms (the service and precompute pass the declared one)."""
-    from pipelines.feature_store import get_store
-    from pipelines.online_features import OnlineFeatureReader
-
+    ``experiment``: split users into its arms (the service and precompute pass the declared one).
+    ``client``, ``catalog`` and ``read_features`` (default: made here) may be shared with other
+    engines (:func:`bentos.arm_engines.build_engines`)."""
     client = client or redis_client(settings)
-    catalog = ItemCatalog.from_item_profile(T.table_path(settings, T.ITEM_PROFILE))
-    reader = OnlineFeatureReader(settings, USER_FEATURES, ITEM_FEATURES, store=get_store(settings), client=client)
+    catalog = catalog if catalog is not None else load_catalog(settings)
+    read_features = read_features or feature_reader(settings, client)
     config = config or serving_config(settings)
     scorer = scorer or load_scorer(ranker_dir)
     if getattr(scorer, "variant", None):  # answers say which variant of the ranker scored them
         model_versions = {**(model_versions or {}), "ranker_variant": str(scorer.variant)}  # type: ignore[union-attr]
-    engine = RecommendationEngine(catalog, client, reader.read, index=load_index(index_dir),
+    engine = RecommendationEngine(catalog, client, read_features, index=load_index(index_dir),
                                   scorer=scorer, config=config,
                                   now=now, model_versions=model_versions, experiment=experiment)
     replay_new_items(engine, new_items_log(settings))
@@ -191,6 +207,19 @@ def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: 
              f"loaded, budget {engine.scoring.budget.describe()}" if engine.scoring.scorer is not None
              else "absent (strategy blend)")
     return engine
+
+
+def load_catalog(settings: Settings) -> ItemCatalog:
+    """The catalogue of the dataset's item profile (what every engine of a service shares)."""
+    return ItemCatalog.from_item_profile(T.table_path(settings, T.ITEM_PROFILE))
+
+
+def feature_reader(settings: Settings, client: redis.Redis) -> Callable[..., Any]:
+    """The online feature read of the serving features (the Feast store's layout, over ``client``)."""
+    from pipelines.feature_store import get_store
+    from pipelines.online_features import OnlineFeatureReader
+
+    return OnlineFeatureReader(settings, USER_FEATURES, ITEM_FEATURES, store=get_store(settings), client=client).read
 
 
 def warm_up_items(catalog: ItemCatalog, n: int) -> np.ndarray:

@@ -138,9 +138,12 @@ def active_users(settings: Settings, now: datetime, hours: int, client: redis.Re
 def precompute_engine(settings: Settings, config: PrecomputeConfig | None = None,
                       bentoml_home: Path | None = None) -> RecommendationEngine:
     """The service's engine on the service's models (the champion's index and ranker, else the latest),
-    with this job's ranker budget and a ranker queue that holds every worker's call."""
-    from bentos.experiments import experiment_of
-    from bentos.factory import build_engine, served_models, serving_config
+    with this job's ranker budget and a ranker queue that holds every worker's call. In an
+    experiment whose arms pin model versions, it routes those arms' users to engines of their
+    models, as the service does (:mod:`bentos.arm_engines`); a pin the store lacks stops the job."""
+    from bentos.arm_engines import build_engines
+    from bentos.experiments import check_pins, experiment_of
+    from bentos.factory import served_models, serving_config
 
     cfg = config or PrecomputeConfig()
     models = served_models(bentoml_home)
@@ -148,8 +151,8 @@ def precompute_engine(settings: Settings, config: PrecomputeConfig | None = None
     serving = serving_config(settings, ranker_timeout_ms=cfg.ranker_timeout_ms,
                              ranker_queue=max(base.ranker_queue, cfg.workers))
     log.info("precompute models: %s", ", ".join(f"{k}={v}" for k, v in sorted(models.versions.items())))
-    return build_engine(settings, models.index_dir, models.ranker_dir, config=serving,
-                        model_versions=models.versions, experiment=experiment_of(settings))
+    experiment = check_pins(experiment_of(settings), bentoml_home)
+    return build_engines(settings, models, experiment, bentoml_home, config=serving).default
 
 
 @dataclass

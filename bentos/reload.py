@@ -15,6 +15,11 @@ Cached answers carry the versions that computed them; the cache treats an entry 
 ranker version differs from the engine's as a miss (:mod:`bentos.cache`), so no answer of the old
 models is served after the swap. Each worker process runs its own reloader: with several workers
 each converges on its own, within one poll period of the others.
+
+In an experiment whose arms pin model versions, what is built and swapped is the whole
+:class:`bentos.arm_engines.EngineSet`: the champion's engine is compared with the pointer, and a
+promotion rebuilds every engine, the pinned arms at their same tags (the models they do not pin
+follow the champion).
 """
 
 from __future__ import annotations
@@ -25,10 +30,9 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from bentos.cache import MODEL_KEYS
-from bentos.engine import RecommendationEngine
 from bentos.factory import ServedModels
 
 log = logging.getLogger(__name__)
@@ -56,12 +60,21 @@ class _ReloadMetrics:
 RELOADS = _ReloadMetrics()
 
 
+class Served(Protocol):
+    """What is swapped: an engine, or a set of them (:class:`bentos.arm_engines.EngineSet`)."""
+
+    @property
+    def model_versions(self) -> dict[str, str]: ...
+
+    def close(self) -> None: ...
+
+
 class ModelReloader:
     """Polls ``resolve`` and swaps in an engine built by ``build`` when the models changed."""
 
-    def __init__(self, current: Callable[[], RecommendationEngine], resolve: Callable[[], ServedModels],
-                 build: Callable[[ServedModels], RecommendationEngine],
-                 swap: Callable[[RecommendationEngine], None], poll_s: float, grace_s: float = 30.0,
+    def __init__(self, current: Callable[[], Served], resolve: Callable[[], ServedModels],
+                 build: Callable[[ServedModels], Served],
+                 swap: Callable[[Served], None], poll_s: float, grace_s: float = 30.0,
                  retry_failed_s: float = 300.0) -> None:
         if poll_s <= 0:
             raise ValueError(f"poll_s={poll_s} must be > 0 (e.g. 10): set RECSYS_MODEL_RELOAD_POLL_S")
@@ -110,7 +123,7 @@ class ModelReloader:
         RELOADS.count("failed")
         log.error("%s", message)
 
-    def _retire(self, old: RecommendationEngine) -> None:
+    def _retire(self, old: Served) -> None:
         """Close the old engine once the requests that hold it are done; then let the collector
         reclaim it (the service froze its objects out of the collector's view at start-up)."""
         def close() -> None:

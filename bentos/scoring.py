@@ -114,12 +114,18 @@ class Scoring:
     def _index_vectors(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, known) of ``item_ids`` from the item-item index (-1 and unknown ids: zeros)."""
         assert self.index is not None
+        return self._known_vectors(self.index.item_to_item, item_ids)
+
+    def _known_vectors(self, table: Any, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, known) of ``item_ids`` in one of the index's tables; an id the table does
+        not hold (-1, or an item added after the index was built and not yet in this table) gets
+        zeros, so a cosine with it is 0 instead of a KeyError failing the request."""
         unique, inverse = np.unique(np.asarray(item_ids, dtype=np.int64), return_inverse=True)
         with self.index_lock:
-            known = self.index.item_to_item.contains(unique) & (unique >= 0)
-            vectors = np.zeros((len(unique), self.index.item_to_item.dim), dtype=np.float32)
+            known = table.contains(unique) & (unique >= 0)
+            vectors = np.zeros((len(unique), table.dim), dtype=np.float32)
             if known.any():
-                vectors[known] = self.index.item_to_item.vectors(unique[known])
+                vectors[known] = table.vectors(unique[known])
         return vectors[inverse], known[inverse]
 
     def _cosine(self, user_vec: np.ndarray | None, item_feats: Mapping[str, Sequence[Any]] | None,
@@ -129,8 +135,7 @@ class Scoring:
         if user_vec is None or not np.any(user_vec):
             return None
         if self.index is not None:
-            with self.index_lock:
-                vectors = self.index.user_to_item.vectors(ids)
+            vectors, _ = self._known_vectors(self.index.user_to_item, ids)
         elif item_feats is not None and item_feats.get("item_embedding") is not None:
             vectors = np.array([v if v else np.zeros_like(user_vec) for v in item_feats["item_embedding"]],
                                dtype=np.float32)

@@ -11,7 +11,9 @@ store (:func:`bentos.factory.served_models`), so cached and live answers come fr
 models. They are the champion's (the pointer ``recsys retrain`` writes on a promotion), else the
 store's latest. When the model store lacks one, the service starts without it (content, trending
 and popularity only), logs why, and says so in ``model_versions``. A promotion while serving is
-picked up without a restart (:mod:`bentos.reload`).
+picked up without a restart (:mod:`bentos.reload`). An experiment's arms that pin other model
+versions are served by engines of their own (:mod:`bentos.arm_engines`), read from the store at
+start-up (``bentoml build`` packages the champion's models only).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from bentos.cache import AsyncCacheReader
 from bentos.config import service_resources
 from bentos.impressions import impression_logger
 from bentos.metrics import count_unknown_context_keys
+from bentos.new_items import ItemJournal
 from bentos.schemas import (
     Context,
     EventAccepted,
@@ -82,7 +85,9 @@ class Recommender:
     ranker_model = _pinned(BENTO_RANKER_MODEL)
 
     def __init__(self) -> None:
-        from bentos.factory import build_engine, describe_models, new_items_log
+        from bentos.arm_engines import build_engines
+        from bentos.experiments import serving_experiment
+        from bentos.factory import describe_models, new_items_log
         from recsys.config import load_settings
 
         # `kill -USR1 <worker pid>` writes every thread's stack to the log: what a start-up or a
@@ -90,12 +95,16 @@ class Recommender:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
         self.settings = load_settings()
-        self.experiment = _experiment(self.settings)
+        # an invalid file or a pinned model missing from the store: logged, served without it
+        self.experiment = serving_experiment(self.settings)
         models = describe_models(_stored(self.index_model), _stored(self.ranker_model))
-        self.engine = build_engine(self.settings, models.index_dir, models.ranker_dir, model_versions=models.versions,
-                                   experiment=self.experiment)
+        # the champion's engine (self.engine) and one per model set an arm pins; any engine
+        # answers a user with the models of the user's arm
+        self.engines = build_engines(self.settings, models, self.experiment)
+        self.engine = self.engines.default
+        self.journal = ItemJournal()  # items added while serving: a swap never loses one
         self.cache = AsyncCacheReader(self.engine.cache, self.settings.effective_redis_url)
-        self.reloader = _reloader(self)  # a promotion swaps self.engine (bentos/reload.py)
+        self.reloader = _reloader(self)  # a promotion swaps self.engines (bentos/reload.py)
         self.impressions = impression_logger(self.settings)
         self.new_items_path = new_items_log(self.settings)
         self._producer: Any = None
@@ -116,13 +125,15 @@ class Recommender:
 
     @bentoml.api(route="/models")
     def models(self) -> dict[str, Any]:
-        """What this worker serves, its last reload after a promotion and the last failure."""
-        return self.reloader.status()
+        """What this worker serves, its last reload after a promotion and the last failure; in an
+        experiment, under ``arms``, the ``model_versions`` each arm's answers carry."""
+        return {**self.reloader.status(), "arms": self.engines.arm_versions()}
 
-    def _swap(self, engine: Any) -> None:
-        """One reference swap: requests holding the old engine finish on it, new ones get this."""
-        self.engine = engine
-        self.cache.cache = engine.cache
+    def _swap(self, engines: Any) -> None:
+        """One reference swap: requests holding the old engines finish on them, new ones get these."""
+        self.engines = engines
+        self.engine = engines.default
+        self.cache.cache = engines.default.cache
 
     # ---- read endpoints ----------------------------------------------------------------------
 
@@ -206,12 +217,12 @@ class Recommender:
     @bentoml.api(route="/items", input_spec=NewItem)  # the item's fields at the top level of the body
     def items(self, **fields: Any) -> ItemAdded:
         """Add a new item: catalogue, FAISS (category-mean vector), persisted, broadcast to workers."""
-        from bentos.factory import NEW_ITEMS_CHANNEL, add_item, record_new_item
+        from bentos.factory import NEW_ITEMS_CHANNEL, record_new_item
 
         item = NewItem(**fields)
         row = item.model_dump()
         row[S.COL_CREATED_AT] = datetime.now(timezone.utc).isoformat()
-        source = add_item(self.engine, _parse_created(row))
+        source = self.journal.add(lambda: self.engines, _parse_created(row))  # every arm's engine
         record_new_item(self.settings, row)  # the new-items log and the dataset's items table (the stream's catalogue)
         try:
             self.engine.client.publish(NEW_ITEMS_CHANNEL, json.dumps({"origin": id(self), "item": row}))
@@ -223,7 +234,7 @@ class Recommender:
         """Add items that other workers received, as they arrive (Redis pub/sub)."""
         import time
 
-        from bentos.factory import NEW_ITEMS_CHANNEL, add_item, redis_client
+        from bentos.factory import NEW_ITEMS_CHANNEL, redis_client
 
         while True:
             try:
@@ -232,41 +243,34 @@ class Recommender:
                 for message in pubsub.listen():
                     body = json.loads(message["data"])
                     if body.get("origin") != id(self):
-                        add_item(self.engine, _parse_created(body["item"]))
+                        self.journal.add(lambda: self.engines, _parse_created(body["item"]))
             except Exception as exc:  # noqa: BLE001 - keep listening across Redis restarts
                 log.debug("new-item listener reconnecting: %s", exc)
                 time.sleep(1.0)
 
 
 def _reloader(service: Recommender) -> Any:
-    """Poll the champion and swap in a new engine on a promotion, in this worker."""
-    from bentos.factory import build_engine, served_models
+    """Poll the champion and swap in new engines on a promotion, in this worker (pinned arms keep
+    their pins; the models they do not pin follow the champion)."""
+    from bentos.arm_engines import build_engines
+    from bentos.factory import served_models
     from bentos.reload import ModelReloader
 
-    def build(models: Any) -> Any:
-        return build_engine(service.settings, models.index_dir, models.ranker_dir, model_versions=models.versions,
-                            experiment=service.experiment)
+    build_started = [0.0]  # the reloader builds one set at a time (its lock): one slot suffices
 
-    reloader = ModelReloader(lambda: service.engine, served_models, build, service._swap,
+    def build(models: Any) -> Any:
+        build_started[0] = service.journal.now()
+        return build_engines(service.settings, models, service.experiment)
+
+    def swap(engines: Any) -> None:
+        late = service.journal.swap(engines, build_started[0], service._swap)
+        if late:
+            log.info("%d item(s) added during the reload were added to the new engines", late)
+
+    reloader = ModelReloader(lambda: service.engines, served_models, build, swap,
                              service.settings.model_reload_poll_s)
     reloader.start()
     return reloader
-
-
-def _experiment(settings: Any) -> Any:
-    """The declared experiment (``RECSYS_EXPERIMENT_FILE``), read once at start-up; an invalid
-    file is logged and the service serves without an experiment (every ``arm`` null)."""
-    from bentos.experiments import ExperimentError, experiment_of
-
-    try:
-        experiment = experiment_of(settings)
-    except ExperimentError as exc:
-        log.error("%s: serving without an experiment", exc)
-        return None
-    if experiment is not None:
-        log.info("experiment %s: arms %s", experiment.name,
-                 ", ".join(f"{a.name} ({a.mode}, {a.share:g})" for a in experiment.arms))
-    return experiment
 
 
 def _parse_created(row: dict[str, Any]) -> dict[str, Any]:

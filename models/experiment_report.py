@@ -8,13 +8,15 @@ adds it in an experiment: :mod:`bentos.experiments`), one per ``request_id``, gr
 
 Attribution of an event (CLICK or PURCHASE) to a shown item:
 
-- when the events table has a ``request_id`` column and the event a value there, to the item
-  with the event's ``item_id`` in that answer;
+- when the event has a ``request_id`` (the events table's attribution column: the stream logs it
+  for an event sent to ``/events`` with one; a part written before the column existed reads as
+  null), to the item with the event's ``item_id`` in that answer, however late;
 - otherwise by user and item: to the latest answer to the event's user that showed its item at or
-  before the event and at most ``window_s`` before it (the canonical events table has no
-  ``request_id`` column today, so this is the rule that applies).
+  before the event and at most ``window_s`` before it.
 
-An event is attributed once at most. The metrics per arm: ``impressions`` (answers), ``users``,
+An event is attributed once at most. The report's ``attribution`` says which rule the attributed
+events took: ``request_id`` (every one by its id), ``window`` (none by an id, or none attributed),
+or ``request_id, else window`` (some each); each arm counts those by id in ``by_request_id``. The metrics per arm: ``impressions`` (answers), ``users``,
 ``items_shown`` (slots), ``clicks`` (slots with at least one attributed CLICK), ``ctr`` =
 clicks / items_shown with its Wilson interval (each slot a trial), ``purchases`` (attributed
 PURCHASE events) and ``purchases_per_user`` (over every user of the arm, buyers or not) with its
@@ -43,7 +45,7 @@ EXPERIMENT_KEY = "experiment"
 #: the events attributed to impressions
 ATTRIBUTED = ("CLICK", "PURCHASE")
 DEFAULT_WINDOW_S = 1_800.0
-REQUEST_ID = "request_id"
+REQUEST_ID = S.COL_REQUEST_ID
 
 
 class ReportError(RuntimeError):
@@ -65,6 +67,7 @@ class ArmResult:
     ctr: Interval
     purchases_per_user: Interval
     purchase_sums: tuple[int, float, float]
+    by_request_id: int = 0
 
 
 @dataclass
@@ -127,21 +130,25 @@ def arm_counts(spark: Any, impressions_root: Path, events_root: Path, name: str,
                     F.coalesce(F.col("arm"), F.lit("none")).alias("arm"), "item_ids"))
     # posexplode_outer: an answer with no items still counts as an answer (one row, slot null)
     slots = imps.select(REQUEST_ID, S.COL_USER, "_t0", "arm", F.posexplode_outer("item_ids").alias("slot", S.COL_ITEM))
-    attributed, how = _attribute(spark, slots, events_root, window_s)
+    attributed = _attribute(slots, _events(spark, events_root), window_s)
     per_slot = (attributed.groupBy(REQUEST_ID, "slot")
                 .agg(F.sum(F.when(F.col(S.COL_EVENT_TYPE) == "CLICK", 1).otherwise(0)).alias("click_events"),
-                     F.sum(F.when(F.col(S.COL_EVENT_TYPE) == "PURCHASE", 1).otherwise(0)).alias("purchases")))
-    per_user = (slots.join(per_slot, [REQUEST_ID, "slot"], "left").fillna(0, ["click_events", "purchases"])
+                     F.sum(F.when(F.col(S.COL_EVENT_TYPE) == "PURCHASE", 1).otherwise(0)).alias("purchases"),
+                     F.sum("_by_id").alias("by_request_id")))
+    per_user = (slots.join(per_slot, [REQUEST_ID, "slot"], "left")
+                .fillna(0, ["click_events", "purchases", "by_request_id"])
                 .groupBy("arm", S.COL_USER)
                 .agg(F.sum(F.when(F.col("slot").isNull() | (F.col("slot") == 0), 1).otherwise(0)).alias("impressions"),
                      F.count(S.COL_ITEM).alias("items_shown"),
                      F.sum(F.when(F.col("click_events") > 0, 1).otherwise(0)).alias("clicks"),
-                     F.sum("click_events").alias("click_events"), F.sum("purchases").alias("purchases")))
+                     F.sum("click_events").alias("click_events"), F.sum("purchases").alias("purchases"),
+                     F.sum("by_request_id").alias("by_request_id")))
     result = (per_user.groupBy("arm")
               .agg(F.sum("impressions").alias("impressions"), F.count("*").alias("users"),
                    F.sum("items_shown").alias("items_shown"), F.sum("clicks").alias("clicks"),
                    F.sum("click_events").alias("click_events"), F.sum("purchases").alias("purchases"),
-                   F.sum(F.col("purchases") * F.col("purchases")).alias("purchases_sq"))
+                   F.sum(F.col("purchases") * F.col("purchases")).alias("purchases_sq"),
+                   F.sum("by_request_id").alias("by_request_id"))
               .orderBy("arm"))
     rows = [r.asDict() for r in result.collect()]
     if not rows:
@@ -149,38 +156,51 @@ def arm_counts(spark: Any, impressions_root: Path, events_root: Path, name: str,
                        .collect() if r[0] is not None)
         raise ReportError(f"no impressions of experiment {name!r} in {impressions_root} "
                           f"(experiments there: {found or 'none'}): check the name")
-    return rows, how
+    return rows, attribution_rule(rows)
 
 
-def _attribute(spark: Any, slots: Any, events_root: Path, window_s: float) -> tuple[Any, str]:
-    """The attributed events: (event_id, event_type, request_id, slot), one row per event at most
-    (module docstring), and a word on the rule used."""
+def attribution_rule(rows: list[dict[str, Any]]) -> str:
+    """Which rule the attributed events of ``rows`` took (module docstring)."""
+    by_id = sum(int(r.get("by_request_id") or 0) for r in rows)
+    total = sum(int(r["click_events"]) + int(r["purchases"]) for r in rows)
+    if by_id == 0:
+        return "window"
+    return "request_id" if by_id == total else "request_id, else window"
+
+
+def _events(spark: Any, events_root: Path) -> Any:
+    """The CLICK and PURCHASE events with their time in microseconds (``_te``), read with the
+    table's full schema: ``request_id`` is null in parts written before the column existed."""
+    from pyspark.sql import functions as F
+
+    return (spark.read.schema(S.EVENTS_SPARK_DDL).parquet(str(events_root))
+            .where(F.col(S.COL_EVENT_TYPE).isin(*ATTRIBUTED))
+            .withColumn("_te", F.unix_micros(S.COL_TS)))
+
+
+def _attribute(slots: Any, events: Any, window_s: float) -> Any:
+    """The attributed events: (event_id, event_type, request_id, slot, _by_id), one row per event at
+    most (module docstring); ``_by_id`` is 1 for an event attributed by its request_id, else 0."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     window_us = int(round(window_s * 1e6))
-    events = (spark.read.parquet(str(events_root))
-              .where(F.col(S.COL_EVENT_TYPE).isin(*ATTRIBUTED))
-              .withColumn("_te", F.unix_micros(S.COL_TS)))
-    keep = [S.COL_EVENT_ID, S.COL_EVENT_TYPE, REQUEST_ID, "slot"]
-    tagged = None
-    if REQUEST_ID in events.columns:
-        tagged = (slots.join(events.where(F.col(REQUEST_ID).isNotNull()).drop(S.COL_USER), [REQUEST_ID, S.COL_ITEM])
-                  .select(*keep))
-        events = events.where(F.col(REQUEST_ID).isNull()).drop(REQUEST_ID)
+    keep = [S.COL_EVENT_ID, S.COL_EVENT_TYPE, REQUEST_ID, "slot", "_by_id"]
+    tagged = (slots.join(events.where(F.col(REQUEST_ID).isNotNull()).drop(S.COL_USER), [REQUEST_ID, S.COL_ITEM])
+              .withColumn("_by_id", F.lit(1)).select(*keep))
+    untagged = events.where(F.col(REQUEST_ID).isNull()).drop(REQUEST_ID)
     # only events within the answers' span (plus the window) can join by time: filter before the join
     bounds = slots.agg(F.min("_t0").alias("_lo"), F.max("_t0").alias("_hi"))
-    events = (events.crossJoin(F.broadcast(bounds))
-              .where(F.col("_te").between(F.col("_lo"), F.col("_hi") + F.lit(window_us))))
+    untagged = (untagged.crossJoin(F.broadcast(bounds))
+                .where(F.col("_te").between(F.col("_lo"), F.col("_hi") + F.lit(window_us))))
     # the latest answer per event; the same event_id twice (a duplicated row) ranks 1 and 2: one kept
     latest = Window.partitionBy(S.COL_EVENT_ID).orderBy(F.col("_t0").desc(), F.col(REQUEST_ID), F.col("slot"))
-    by_window = (slots.join(events.select(S.COL_EVENT_ID, S.COL_EVENT_TYPE, S.COL_USER, S.COL_ITEM, "_te"),
+    by_window = (slots.join(untagged.select(S.COL_EVENT_ID, S.COL_EVENT_TYPE, S.COL_USER, S.COL_ITEM, "_te"),
                             [S.COL_USER, S.COL_ITEM])
                  .where((F.col("_te") >= F.col("_t0")) & (F.col("_te") <= F.col("_t0") + F.lit(window_us)))
-                 .withColumn("_rank", F.row_number().over(latest)).where(F.col("_rank") == 1).select(*keep))
-    if tagged is None:
-        return by_window, "window"
-    return tagged.unionByName(by_window).dropDuplicates([S.COL_EVENT_ID]), "request_id, else window"
+                 .withColumn("_rank", F.row_number().over(latest)).where(F.col("_rank") == 1)
+                 .withColumn("_by_id", F.lit(0)).select(*keep))
+    return tagged.unionByName(by_window).dropDuplicates([S.COL_EVENT_ID])
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -196,7 +216,8 @@ def build_report(name: str, rows: list[dict[str, Any]], attribution: str, window
                       ctr=wilson(int(r["clicks"]), int(r["items_shown"])),
                       purchases_per_user=mean_interval(int(r["users"]), float(r["purchases"]),
                                                        float(r["purchases_sq"])),
-                      purchase_sums=(int(r["users"]), float(r["purchases"]), float(r["purchases_sq"])))
+                      purchase_sums=(int(r["users"]), float(r["purchases"]), float(r["purchases_sq"])),
+                      by_request_id=int(r.get("by_request_id") or 0))
             for r in rows]
     names = [a.arm for a in arms]
     if not arms:

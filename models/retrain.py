@@ -11,10 +11,13 @@ champion pointer and the MLflow alias ``champion`` (:mod:`models.champion`), and
 exported to the ``user_embedding`` / ``item_embedding`` feature tables (optionally
 materialized, so the online user vectors follow the promoted index).
 
-The gate scores the challenger with a fit of the same ALS configuration on the window split's
-train side (it must not be judged on test events it was trained on); the promoted models are the
-fit on every event. The champion is scored with the factors stored in its index model. The
-comparison is written as JSON, logged to the run (``gate/``) and its path returned.
+The gate (:mod:`models.gate_scoring`) compares what each set would serve: its ALS candidates
+re-ranked by its ranker (the two-stage row), or its ALS alone when it has no ranker, with the ALS
+rows beside them. The challenger is scored with evaluation fits of the same ALS and ranker
+configurations on the window split's train side (it must not be judged on test events it was
+trained on); the promoted models are the fits on every event. The champion is scored with the
+factors stored in its index model and its stored ranker. The comparison is written as JSON, logged
+to the run (``gate/``) and its path returned.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from models.als import ALSConfig, Factors, Popularity, embedding_table_path, export_factors, fit_als, load_factors
+from models.als import ALSConfig, Factors, embedding_table_path, export_factors
 from models.champion import (
     CHALLENGER_ALIAS,
     CHAMPION_ALIAS,
@@ -41,7 +44,8 @@ from models.champion import (
     set_alias,
     write_champion,
 )
-from models.gate import GateDecision, GateWindow, decide, ks_for, window_eval_set
+from models.gate import ROWS, GateDecision
+from models.gate_scoring import champion_set, gate, stored_ranker
 from models.names import (
     ALS_MODEL_NAME,
     BENTO_INDEX_MODEL,
@@ -54,6 +58,9 @@ from pipelines.cleaning import CleaningConfig
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
+
+if TYPE_CHECKING:
+    from models.ranker.precision import Variant
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +123,11 @@ def retrain(settings: Settings, *, ranker: bool = True, als: ALSConfig | None = 
         set_alias(settings.effective_mlflow_uri, run.registered, CHALLENGER_ALIAS)
         steps.update()
         steps.set_postfix_str("gate")
-        champion_factors, why = _champion_factors(previous, bentoml_home)
-        decision, comparison = gate(settings, fitted.config, cleaning, champion_factors, why)
+        champion, why = champion_set(previous, settings, bentoml_home)
+        decision, comparison = gate(settings, fitted.config, cleaning, champion, why,
+                                    ranker=_challenger_ranker(settings, challenger, ranker_dir, bentoml_home),
+                                    refit=(ranker_kwargs or {}) if ranker_dir is not None else None,
+                                    progress=progress)
         steps.update()
         comparison.update({"cutoff": cutoff.isoformat(), "mlflow_run": run.run_id, "challenger_models": challenger.tags,
                            "champion_models": previous.tags if previous else None, "decision": decision.as_dict()})
@@ -228,64 +238,17 @@ def _store(run_id: str, registered: dict[str, str], index_dir: Path, index_repor
     return ModelSet(tags, run_id, versions)
 
 
-def gate(settings: Settings, als: ALSConfig, cleaning: CleaningConfig, champion: Factors | None,
-         champion_missing_why: str = "no champion yet") -> tuple[GateDecision, dict[str, Any]]:
-    """Score an evaluation fit of ``als`` on the window split's train side (the challenger) and
-    the ``champion``'s factors on the window of ``settings`` (its ``as_of`` is the reference
-    time); decide (:func:`models.gate.decide`). Returns the decision and the comparison."""
-    from pyspark.sql import functions as F
+def _challenger_ranker(settings: Settings, challenger: ModelSet, ranker_dir: Path | None,
+                       bentoml_home: Path | None) -> tuple[Path | None, Variant, str]:
+    """The challenger's ranker for the gate: the one trained now (its variant as the service would
+    pick it), else the one carried over from the champion, else none."""
+    if ranker_dir is not None:
+        from models.ranker.precision import choose_variant
 
-    from models.holdout import clean_to_last_event
-    from recsys.spark import get_spark
-
-    metric = settings.gate_metric
-    spark = get_spark(settings, app_name="recsys-retrain")
-    events = spark.read.parquet(str(settings.dataset_path / "events")).filter(F.col(S.COL_TS) <= F.lit(settings.as_of))
-    items = spark.read.parquet(str(settings.dataset_path / "items")).select(S.COL_ITEM)
-    catalogue = np.sort(items.toPandas()[S.COL_ITEM].to_numpy().astype(np.int64))
-    window = window_eval_set(events, catalogue, settings.gate_window_days)
-    popularity = Popularity.fit(window.train_rows).scores(catalogue)
-    cleaned = clean_to_last_event(window.train, cleaning, items)
-    evaluation_fit = fit_als(cleaned.interactions, als, cleaned.reference_time)
-    cleaned.interactions.unpersist()
-    ours = _score(window, evaluation_fit, popularity, metric)
-    theirs = _score(window, champion, popularity, metric) if champion is not None else None
-    window.train.unpersist()
-    decision = decide(ours, theirs, metric, settings.gate_tolerance, champion_missing_why)
-    return decision, {"window": window.describe(), "metric": metric, "tolerance": settings.gate_tolerance,
-                      "challenger": ours, "champion": theirs}
-
-
-def _champion_factors(champion: ModelSet | None, bentoml_home: Path | None) -> tuple[Factors | None, str]:
-    """The factors stored in the champion's index model, or None and why there are none."""
-    import bentoml
-
-    from models.tracking import get_bentoml_model
-
-    if champion is None:
-        return None, "no champion yet"
-    if BENTO_INDEX_MODEL not in champion.tags:
-        return None, "the champion has no index"
-    try:
-        stored = get_bentoml_model(champion.tags[BENTO_INDEX_MODEL], bentoml_home=bentoml_home)
-    except bentoml.exceptions.NotFound:
-        return None, f"the champion's {champion.tags[BENTO_INDEX_MODEL]} is not in the BentoML store"
-    folder = Path(stored.path) / FACTORS_FOLDER
-    if not folder.is_dir():
-        return None, "the champion's index model holds no factors to score (built before `recsys retrain`)"
-    return load_factors(folder / "user_embedding", folder / "item_embedding"), ""
-
-
-def _score(window: GateWindow, factors: Factors, popularity: np.ndarray, metric: str) -> dict[str, float]:
-    """The protocol's metrics of ``factors`` on the window (users without a vector: popularity)."""
-    from models.protocol import evaluate_scorer
-
-    ks = ks_for(metric)
-    if len(window.eval_set.users) == 0:
-        return {f"{name}@{k}": float("nan") for k in ks for name in ("ndcg", "recall")} | {"users": 0}
-    report = evaluate_scorer(window.eval_set, factors.score_fn(window.eval_set.catalogue, fallback=popularity), ks)
-    return {key: float(report[key]) for key in report if "@" in key and isinstance(report[key], float)} | \
-        {"users": int(report["users"])}
+        return (ranker_dir, choose_variant(ranker_dir, settings.ranker_precision)[0],
+                f"trained by this retrain ({challenger.tags[BENTO_RANKER_MODEL]})")
+    folder, variant, source = stored_ranker(challenger.tags.get(BENTO_RANKER_MODEL), settings, bentoml_home)
+    return folder, variant, (f"carried over from the champion ({source})" if folder is not None else source)
 
 
 def _record(settings: Settings, run_id: str, comparison: dict[str, Any], decision: GateDecision) -> Path:
@@ -295,12 +258,17 @@ def _record(settings: Settings, run_id: str, comparison: dict[str, Any], decisio
     path = gate_report_path(settings, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(comparison, indent=2, default=str) + "\n")
+    from mlflow.entities import Metric
+
     client = MlflowClient(settings.effective_mlflow_uri)
     client.log_artifact(run_id, str(path), artifact_path="gate")
-    for side in ("challenger", "champion"):
-        for key, value in (comparison[side] or {}).items():
-            if np.isfinite(value):  # MLflow names may not hold '@'
-                client.log_metric(run_id, f"gate/{side}/{key.replace('@', '_at_')}", float(value))
+    # the deciding rows as gate/<side>/..., every row as gate/<row>/<side>/...
+    named = [(f"gate/{side}", comparison[side]) for side in ("challenger", "champion")]
+    named += [(f"gate/{row}/{side}", comparison["rows"][row][side]) for row in ROWS for side in ("challenger", "champion")]
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    metrics = [Metric(f"{prefix}/{key.replace('@', '_at_')}", float(value), now, 0)  # MLflow names may not hold '@'
+               for prefix, values in named for key, value in (values or {}).items() if np.isfinite(value)]
+    client.log_batch(run_id, metrics=metrics)
     client.set_tag(run_id, "gate_decision", "promoted" if decision.promote else "kept_champion")
     client.set_tag(run_id, "gate_reason", decision.reason)
     return path

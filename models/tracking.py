@@ -164,3 +164,15 @@ def get_bentoml_model(tag: str, bentoml_home: Path | None = None) -> Any:
 
     store = _model_store(bentoml_home)
     return bentoml.models.get(tag, _model_store=store) if store is not None else bentoml.models.get(tag)
+
+
+def stored_tags(name: str, bentoml_home: Path | None = None) -> list[str]:
+    """The tags of every stored version of BentoML model ``name``, sorted (empty: none stored)."""
+    import bentoml
+
+    store = _model_store(bentoml_home)
+    try:
+        models = bentoml.models.list(name, _model_store=store) if store is not None else bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        return []
+    return sorted(str(m.tag) for m in models)

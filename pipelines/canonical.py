@@ -3,13 +3,16 @@
 A dataset is a folder::
 
     <data_dir>/canonical/<name>/
-        events/part-00000.parquet ...   EVENTS_SCHEMA, sorted by user then time inside a part
+        events/part-00000.parquet ...   EVENTS_SCHEMA, sorted by user then time inside a part (the
+                                        attribution columns null: only live events carry them)
         items/part-00000.parquet ...    ITEMS_SCHEMA
         users/part-00000.parquet ...    USERS_SCHEMA
         rejects/part-00000.parquet ...  rows that failed validation, with the reason (never dropped)
-        manifest.json                   source, counts, time range, schema version
+        manifest.json                   source, counts, time range, tables version (S.TABLES_VERSION)
 
 Every writer goes through :class:`CanonicalWriter`, so every dataset obeys the same contract.
+A dataset of an older tables version lacks columns added since (the events' ``request_id`` and
+``position``); :func:`read_table` and :func:`events_dataset` read them as null.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from recsys import schema as S
@@ -46,7 +50,7 @@ class DatasetError(RuntimeError):
 @dataclass
 class Manifest:
     source: str
-    schema_version: int = S.SCHEMA_VERSION
+    schema_version: int = S.TABLES_VERSION  # of the tables (a version-1 manifest: no attribution columns)
     events: int = 0
     items: int = 0
     users: int = 0
@@ -83,7 +87,7 @@ class CanonicalWriter:
     def _write(self, table_name: str, table: pa.Table, schema: pa.Schema) -> None:
         if table.num_rows == 0:
             return
-        table = table.select(schema.names).cast(schema)
+        table = conform(table, schema)
         path = self._tmp / table_name / f"part-{self._parts[table_name]:05d}.parquet"
         # coerce_timestamps keeps microseconds: Spark 4 rejects nanosecond parquet timestamps
         pq.write_table(table, path, coerce_timestamps="us", compression="zstd")
@@ -141,6 +145,17 @@ class CanonicalWriter:
             self.close()
         else:
             self.abort()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order and types; a nullable column it lacks (one a
+    newer tables version added) as nulls. A missing required column fails, naming it."""
+    for f in schema:
+        if f.name not in table.column_names:
+            if not f.nullable:
+                raise ValueError(f"table lacks the required column {f.name!r} (expected {schema.names})")
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -208,7 +223,8 @@ def validate_events(
 
     ``df`` has the EVENTS_SCHEMA columns, possibly with bad values: ids may be missing or
     negative, the type unknown, the timestamp missing or later than ``max_ts``.
-    ``known_items`` (sorted) rejects events on items outside the catalogue.
+    ``known_items`` (sorted) rejects events on items outside the catalogue. The attribution columns
+    may be absent (generated and loaded events: null) and never reject an event (:func:`attribution`).
     """
     reason, user, item, value, ts = event_reject_reasons(df, known_items, max_ts)
     bad = reason.notna().to_numpy()
@@ -217,6 +233,7 @@ def validate_events(
     good[S.COL_ITEM] = item[~bad].astype("int64")
     good[S.COL_VALUE] = value[~bad].astype("float64")
     good[S.COL_TS] = ts[~bad].dt.as_unit("us")
+    good[S.COL_REQUEST_ID], good[S.COL_POSITION] = attribution(good)
     events = pa.Table.from_pandas(good[list(S.EVENTS_SCHEMA.names)], schema=S.EVENTS_SCHEMA, preserve_index=False)
 
     if bad.any():
@@ -226,6 +243,25 @@ def validate_events(
     else:
         rejects = S.REJECTS_SCHEMA.empty_table()
     return events, rejects
+
+
+def attribution(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """The ``request_id`` and ``position`` columns of raw event rows, as the events table keeps them:
+    a non-empty text id, and a whole position >= 1 only beside an id; anything else (absent, a bad
+    type, a position alone: ``POST /events`` refuses those, a direct producer may not) is null, and
+    the event itself is kept: attribution is optional, the event is not."""
+    no_position = pd.Series(pd.NA, index=df.index, dtype="Int64")
+    if S.COL_REQUEST_ID not in df:  # generated and loaded events: no per-row work
+        return pd.Series([None] * len(df), index=df.index, dtype=object), no_position
+    raw_id = df[S.COL_REQUEST_ID]
+    ids = raw_id.where(raw_id.map(lambda v: isinstance(v, str) and v != ""), None).astype(object)
+    if S.COL_POSITION not in df:
+        return ids, no_position
+    raw_pos = df[S.COL_POSITION]
+    numeric = raw_pos.where(raw_pos.map(lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool)))
+    pos = pd.to_numeric(numeric, errors="coerce")
+    ok = pos.notna() & (pos >= 1) & (pos % 1 == 0) & (pos < 2**53) & ids.notna()
+    return ids, pos.where(ok).astype("Int64")
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -248,9 +284,17 @@ def table_path(dataset_dir: Path, table: str) -> Path:
 
 
 def read_table(dataset_dir: Path, table: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a whole canonical table into pandas (small data, tests, notebooks)."""
+    """Read a whole canonical table into pandas (small data, tests, notebooks); the events with
+    :data:`EVENTS_SCHEMA`, so an attribution column an older part lacks reads as null."""
     read_manifest(dataset_dir)
-    return pq.read_table(table_path(dataset_dir, table), columns=columns).to_pandas()
+    schema = S.EVENTS_SCHEMA if table == "events" else None
+    return pq.read_table(table_path(dataset_dir, table), columns=columns, schema=schema).to_pandas()
+
+
+def events_dataset(dataset_dir: Path) -> pads.Dataset:
+    """The events table as a pyarrow dataset with :data:`EVENTS_SCHEMA`, whatever its parts' tables
+    version (pyarrow otherwise takes the schema of the first file it lists)."""
+    return pads.dataset(table_path(dataset_dir, "events"), format="parquet", schema=S.EVENTS_SCHEMA)
 
 
 def reference_time(dataset_dir: Path, as_of: datetime | None = None) -> datetime:

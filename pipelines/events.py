@@ -4,8 +4,9 @@ A message on ``clickstream.events`` has key = ``user_id`` (as ASCII digits, so o
 stay in one partition and in order) and value = the canonical event as JSON with a
 ``schema_version``; timestamps are ISO-8601 UTC with microseconds. Two optional fields carry
 attribution, only when the client sent them: ``request_id`` (the /recommend answer that showed the
-item) and ``position`` (1-based, where it showed it). They are not canonical columns: readers that
-do not know them ignore them, and a message without them (every older one) decodes as before.
+item) and ``position`` (1-based, where it showed it). The stream's fold ignores them; the offline
+log keeps them in the events table's nullable columns of the same names (``recsys.schema``), and a
+message without them (every older one) decodes as before and is logged with nulls there.
 
 Public API for writers (``recsys events replay``, the service's ``POST /events``):
 
@@ -36,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipelines.canonical import event_reject_reasons
+from pipelines.canonical import event_reject_reasons, events_dataset
 from recsys import schema as S
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,10 @@ log = logging.getLogger(__name__)
 #: Wire-format versions this code reads.
 SUPPORTED_SCHEMA_VERSIONS = frozenset({S.SCHEMA_VERSION})
 
-#: optional attribution fields of a message (not canonical columns): the answer and the position
-ATTR_REQUEST_ID = "request_id"
-ATTR_POSITION = "position"
-ATTRIBUTION_FIELDS = (ATTR_REQUEST_ID, ATTR_POSITION)
+#: optional attribution fields of a message, the events table's nullable columns: the answer and the position
+ATTR_REQUEST_ID = S.COL_REQUEST_ID
+ATTR_POSITION = S.COL_POSITION
+ATTRIBUTION_FIELDS = S.ATTRIBUTION_COLUMNS
 
 
 class InvalidEvent(ValueError):
@@ -82,8 +83,9 @@ def event_to_message(event: Mapping[str, Any]) -> tuple[bytes, bytes]:
         S.COL_CONTEXT: event.get(S.COL_CONTEXT) or {},
     }
     for name in ATTRIBUTION_FIELDS:  # optional: absent rather than null when the client sent none
-        if event.get(name) is not None:
-            body[name] = event[name]
+        attr = event.get(name)
+        if attr is not None and not (isinstance(attr, float) and math.isnan(attr)) and attr is not pd.NA:
+            body[name] = int(attr) if name == ATTR_POSITION else attr
     return str(int(event[S.COL_USER])).encode(), json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -362,8 +364,9 @@ def select_events(
     end: datetime | None = None,
     limit: int | None = None,
 ) -> pa.Table:
-    """Canonical events in ``[start, end]``, the latest ``limit`` of them, oldest first."""
-    dataset = pads.dataset(Path(dataset_path) / "events", format="parquet")
+    """Canonical events in ``[start, end]``, the latest ``limit`` of them, oldest first (with every
+    EVENTS_SCHEMA column: null attribution where a part predates it)."""
+    dataset = events_dataset(Path(dataset_path))
     condition = None
     if start is not None:
         condition = pads.field(S.COL_TS) >= pa.scalar(start, S.TS_TYPE)

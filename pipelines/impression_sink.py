@@ -23,6 +23,7 @@ from typing import Any
 
 from pipelines.impressions import decode_impression, impressions_path, incarnation_tag, recover, write_batch, \
     written_offsets
+from pipelines.kafka_admin import topic_id
 from recsys.config import Settings
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class ImpressionSink:
 
         s = self.settings
         ensure_topics(s)
-        self.tag = incarnation_tag(_topic_id(s.effective_kafka_bootstrap, self.topic))
+        self.tag = incarnation_tag(topic_id(s.effective_kafka_bootstrap, self.topic, "recsys-impressions-admin"))
         recover(self.root)
         if self.options.metrics_port is not None:
             from prometheus_client import start_http_server
@@ -199,23 +200,6 @@ class ImpressionSink:
         and its commit, or a previous owner that wrote on revocation)."""
         in_table = written_offsets(self.root, self.tag)
         self._skip = {tp.partition: in_table[tp.partition] for tp in assigned if tp.partition in in_table}
-
-
-def _topic_id(bootstrap: str, topic: str) -> str:
-    """The broker's id of this incarnation of the topic ("" when the broker does not say). The
-    stream reads the same (``pipelines.stream.options.topic_id``); this copy spares the sink that
-    package's imports (Feast, the fold)."""
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="recsys-impressions-admin")
-    try:
-        described = admin.describe_topics([topic])
-        return str(described[0].get("topic_id") or "") if described else ""
-    except Exception:  # noqa: BLE001 - an old broker without topic ids: one generic tag
-        log.warning("could not read the topic id of %s", topic, exc_info=True)
-        return ""
-    finally:
-        admin.close()
 
 
 def _Listener(sink: ImpressionSink) -> Any:  # noqa: N802 - a factory that reads as the class it returns

@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     gate_tolerance: float = Field(0.005, ge=0.0)
     #: The gate scores users with an event in this many days before the latest event.
     gate_window_days: float = Field(7.0, gt=0)
+    #: At most this many window users are scored (a seeded sample when there are more): the
+    #: two-stage rows read each user's candidates' features from Feast. None = every window user.
+    gate_max_users: int | None = Field(1000, ge=1)
     #: How often each service worker checks the champion pointer for a promotion.
     model_reload_poll_s: float = Field(10.0, gt=0)
 

@@ -10,7 +10,14 @@ from enum import Enum
 
 import pyarrow as pa
 
+#: The clickstream wire format's version (the ``schema_version`` of every message on the events topic).
+#: Optional fields are added without a bump: a message without them reads as before.
 SCHEMA_VERSION = 1
+#: The canonical tables' version, recorded in a dataset's manifest. 1: the first tables; 2: the
+#: events table gains the nullable attribution columns ``request_id`` and ``position``. A version-1
+#: dataset (or a part written before the bump) lacks them: readers take them as null (read with
+#: :data:`EVENTS_SCHEMA` in pyarrow, :data:`EVENTS_SPARK_DDL` in Spark) and nothing else changes.
+TABLES_VERSION = 2
 
 # ---- column names ---------------------------------------------------------------------------
 COL_EVENT_ID = "event_id"
@@ -23,6 +30,11 @@ COL_SESSION = "session_id"
 COL_CONTEXT = "context"
 COL_CATEGORY = "category_id"
 COL_CREATED_AT = "created_at"
+#: attribution of an event to a ``/recommend`` answer: the answer's id and the 1-based position of
+#: the item in it (null when the client sent none, and for generated and loaded events)
+COL_REQUEST_ID = "request_id"
+COL_POSITION = "position"
+ATTRIBUTION_COLUMNS: tuple[str, ...] = (COL_REQUEST_ID, COL_POSITION)
 
 
 class EventType(str, Enum):
@@ -58,6 +70,8 @@ EVENTS_SCHEMA = pa.schema(
         pa.field(COL_TS, TS_TYPE, nullable=False),
         pa.field(COL_SESSION, pa.string()),
         pa.field(COL_CONTEXT, CONTEXT_TYPE),
+        pa.field(COL_REQUEST_ID, pa.string()),
+        pa.field(COL_POSITION, pa.int64()),
     ]
 )
 
@@ -95,6 +109,29 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("raw", pa.string(), nullable=False),
     ]
 )
+
+_SPARK_TYPES = {pa.string(): "string", pa.int64(): "bigint", pa.float64(): "double", TS_TYPE: "timestamp"}
+
+
+def spark_ddl(schema: pa.Schema | pa.StructType) -> str:
+    """A Spark DDL schema string for an Arrow schema of these tables (string, int64, float64, UTC
+    microsecond timestamps, structs and lists of them), for ``spark.read.schema(...)``: a column a
+    file lacks then reads as null instead of depending on which file Spark infers the schema from."""
+    return ", ".join(f"{f.name} {_spark_type(f.type)}" for f in schema)
+
+
+def _spark_type(dtype: pa.DataType) -> str:
+    if isinstance(dtype, pa.StructType):
+        return "struct<" + ", ".join(f"{f.name}:{_spark_type(f.type)}" for f in dtype) + ">"
+    if isinstance(dtype, pa.ListType):
+        return f"array<{_spark_type(dtype.value_type)}>"
+    if dtype not in _SPARK_TYPES:
+        raise TypeError(f"no Spark type for Arrow {dtype}: add it to recsys.schema._SPARK_TYPES")
+    return _SPARK_TYPES[dtype]
+
+
+#: the events table as Spark reads it: every column, the attribution ones null where a part lacks them
+EVENTS_SPARK_DDL = spark_ddl(EVENTS_SCHEMA)
 
 #: Categories that MovieLens genres map to, in u.genre order (index = category_id).
 ML_GENRES: tuple[str, ...] = (

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from models.als import Popularity
+from models.als import Factors, Popularity
 from models.protocol import rank_with
 from models.ranker.config import RankerConfig
 from models.ranker.examples import ONE_US, ExampleConfig, candidate_rows, feature_frame, first_times, item_stats
@@ -114,6 +114,22 @@ def train_only_dataset(ctx: EvalContext) -> Settings:
     return settings
 
 
+def candidate_frame(factors: Factors, train_rows: pd.DataFrame, users: np.ndarray, when: pd.Series,
+                    feature_settings: Settings, examples: ExampleConfig, stats: pd.DataFrame | None = None,
+                    progress: bool = True) -> pd.DataFrame:
+    """What :func:`rerank` scores: each of ``users``' retrieval candidates (an index of
+    ``factors``, the history of ``train_rows``, ``examples.candidates``) with their point-in-time
+    features from ``feature_settings``' store as of just before ``when[user]``
+    (:func:`models.ranker.examples.feature_frame`: the vectors of ``factors``, the item
+    statistics ``stats``; None leaves them to the scorer's exported ones). Shared by the two-stage
+    row and the promotion gate (:mod:`models.gate_scoring`)."""
+    index = RetrievalIndex.build(factors)
+    recent, seen = history(train_rows, examples.candidates.max_recent)
+    candidates = generate_candidates_batch(index, factors, users, recent, seen, examples.candidates,
+                                           progress=progress)
+    return feature_frame(candidate_rows(candidates, when), feature_settings, factors, examples.feature_service, stats)
+
+
 def two_stage(ctx: EvalContext, config: RankerConfig | None = None, examples: ExampleConfig | None = None,
               depth: int = 20, progress: bool = True) -> np.ndarray:
     """The report's two-stage model (a ``TwoStageFn`` for :func:`models.evaluate.run_evaluation`):
@@ -134,11 +150,8 @@ def two_stage(ctx: EvalContext, config: RankerConfig | None = None, examples: Ex
     scorer = load_scorer(folder)
 
     users = ctx.eval_set.users
-    index = RetrievalIndex.build(ctx.factors)
-    recent, seen = history(ctx.train_rows, ex.candidates.max_recent)
-    candidates = generate_candidates_batch(index, ctx.factors, users, recent, seen, ex.candidates, progress=progress)
     test_time = first_times(ctx.test.filter(F.col(S.COL_USER).isin([int(u) for u in users])))
-    frame = feature_frame(candidate_rows(candidates, test_time), fsettings, ctx.factors, ex.feature_service, stats)
+    frame = candidate_frame(ctx.factors, ctx.train_rows, users, test_time, fsettings, ex, stats, progress)
     ctx.feature_settings, ctx.ranker_dir = fsettings, folder  # the served step reuses both
     fallback = als_fallback(ctx, depth)
     if (folder / QUANTIZED_FILE).is_file():  # the int8 variant on the very same lists: its ndcg cost

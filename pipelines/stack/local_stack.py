@@ -59,11 +59,12 @@ class LocalStack:
         return service_definitions(self.settings, self.run_dir, workers)
 
     def _expand(self, names: Sequence[str], up: bool) -> list[str]:
-        """Names as given, ``stream`` replaced by its workers: those configured for ``up``, else
-        those configured or started. Unknown names fail with the choices."""
+        """Names as given, ``stream`` replaced by its workers: those configured for ``up``, else those
+        started (with a pid file: after ``up --workers M``, M of them, whatever the configured
+        count), or the configured ones when none is. Unknown names fail with the choices."""
         services = self._services()
         configured = [worker_name(i) for i in range(self.settings.stream_workers)]
-        workers = configured if up else sorted({*configured, *self._started_workers()}, key=lambda n: worker_index(n) or 0)
+        workers = configured if up else (self._started_workers() or configured)
         expanded = [w for n in names for w in (workers if n == STREAM else [n])]
         unknown = [n for n in expanded if n not in services]
         if unknown:
@@ -108,7 +109,10 @@ class LocalStack:
                 rows.append(self._up_one(services[name]))
         if STREAM in named:
             extra = [services[n] for n in self._started_workers() if (worker_index(n) or 0) >= self.settings.stream_workers]
-            self._stop_together(extra)
+            if extra:  # SIGTERM: each flushes offline and commits before it exits, as in `down`
+                log.info("stopping %s: beyond %d stream worker(s)", ", ".join(s.name for s in extra),
+                         self.settings.stream_workers)
+                self._stop_together(extra)
         if workers:
             rows.extend(self._up_workers(workers, explicit=bool(only)))
         return rows

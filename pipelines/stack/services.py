@@ -104,7 +104,13 @@ def service_command(settings: Settings, port: int | None = None) -> list[str]:
 
 
 def service_env(settings: Settings) -> dict[str, str]:
-    """BentoML reads per-service overrides from BENTOML_CONFIG_OPTIONS (space-separated)."""
+    """BentoML reads per-service overrides from BENTOML_CONFIG_OPTIONS (space-separated); the
+    experiment the settings declare (``RECSYS_EXPERIMENT_FILE``, as an absolute path) reaches the
+    service even when the caller set it in code (``recsys demo`` does) rather than in the
+    environment the service inherits."""
     workers = f"services.recsys.workers={settings.service_workers}"
     existing = os.environ.get("BENTOML_CONFIG_OPTIONS", "").strip()
-    return {"BENTOML_CONFIG_OPTIONS": f"{existing} {workers}".strip()}
+    env = {"BENTOML_CONFIG_OPTIONS": f"{existing} {workers}".strip()}
+    if settings.experiment_file is not None:
+        env["RECSYS_EXPERIMENT_FILE"] = str(settings.resolve(settings.experiment_file))
+    return env

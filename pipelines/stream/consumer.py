@@ -232,12 +232,13 @@ class StreamProcessor:
 
     def on_revoked(self, partitions: Iterable[Any]) -> None:
         """Before giving partitions away: append their outboxes and commit, so the next owner starts
-        exactly where this one stopped."""
-        self.offsets.commit(self.flusher.finish())
+        exactly where this one stopped. The commits are queued (``wait=False``): this runs on the
+        Kafka client's IO thread."""
+        self.offsets.commit(self.flusher.finish(), wait=False)
         self.cache.clear()
         revoked = sorted(tp.partition for tp in partitions)
         if revoked:
-            self.offsets.commit(self.flusher.flush_now(revoked))
+            self.offsets.commit(self.flusher.flush_now(revoked), wait=False)
 
     def on_assigned(self, partitions: Iterable[Any]) -> None:
         """A previous owner may have left outbox entries (it crashed): append them soon. Another

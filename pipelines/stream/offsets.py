@@ -36,18 +36,36 @@ class OffsetKeeper:
         ends = self.consumer.end_offsets(assigned)
         return all(self.consumer.position(tp) >= ends[tp] for tp in assigned)
 
-    def commit(self, offsets: dict[int, int]) -> None:
-        """Commit after the dead letters of those offsets are safely in their topic."""
+    def commit(self, offsets: dict[int, int], wait: bool = True) -> None:
+        """Commit after the dead letters of those offsets are safely in their topic. ``wait=False``
+        for a rebalance listener: kafka-python 3 runs it on the consumer's IO thread, where a blocking
+        commit raises (and the error stops the consumer), so the commit is queued, ahead of the
+        JoinGroup that follows the listener; if it fails, the partitions' next owner re-reads those
+        offsets and skips the events already applied (the state's applied-offset watermark)."""
         if not offsets:
             return
         from kafka import TopicPartition
         from kafka.structs import OffsetAndMetadata
 
         self.dlq.flush()
-        self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+        request = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
+        if not wait:
+            self.consumer.commit_async(request, callback=lambda _, result: self._queued_done(offsets, result))
+            return
+        self.consumer.commit(request)
+        self._committed(offsets)
+
+    def _committed(self, offsets: dict[int, int]) -> None:
         self.stats.commits += 1
         for p, o in offsets.items():
             self.metrics.committed.labels(str(p)).set(o)
+
+    def _queued_done(self, offsets: dict[int, int], result: Any) -> None:
+        if isinstance(result, BaseException):
+            log.warning("commit of %s at a rebalance failed (%s): their next owner re-reads them and skips "
+                        "the events already applied", offsets, result)
+        else:
+            self._committed(offsets)
 
     def update_lag(self) -> None:
         t, n = self._last_report

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pipelines import trending
+from pipelines import kafka_admin, trending
 from pipelines.stream.activity import ACTIVITY_RETENTION_S, HOUR_S
 from pipelines.realtime_rules import PURCHASED_MAX, DedupeWindow
 from recsys.config import Settings
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,14 +71,4 @@ class StreamOptions:
 
 def topic_id(settings: Settings, topic: str) -> str:
     """The broker's id of this incarnation of the topic ("" when the broker does not say)."""
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=settings.effective_kafka_bootstrap, client_id="recsys-stream-admin")
-    try:
-        described = admin.describe_topics([topic])
-        return str(described[0].get("topic_id") or "") if described else ""
-    except Exception:  # noqa: BLE001 - an old broker without topic ids: the watermark key stays generic
-        log.warning("could not read the topic id of %s", topic, exc_info=True)
-        return ""
-    finally:
-        admin.close()
+    return kafka_admin.topic_id(settings.effective_kafka_bootstrap, topic, "recsys-stream-admin")

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow.dataset as pads
@@ -42,6 +43,8 @@ DEMO_SIM_REQUESTS, DEMO_SIM_RATE = 300, 20.0
 #: blend on held-out label users): the folds are most of the ranker's fit time, and the demo has
 #: a time budget on 2 cores. The data (label users, examples) and the epochs are the defaults.
 DEMO_CV_FOLDS = 1
+#: The experiment the demo's service runs (relative to home): its simulation reports the CTR per arm.
+DEMO_EXPERIMENT = Path("deploy/experiments/demo.yaml")
 
 
 def step_stack(settings: Settings) -> None:
@@ -256,6 +259,13 @@ def step_serve(settings: Settings) -> None:
     stack = LocalStack(settings)
     stack.down(["service"])  # pick up the new models
     stack.up(["service"])
+    if settings.experiment_file is not None:
+        from bentos.experiments import experiment_of
+
+        declared = experiment_of(settings)
+        arms = ", ".join(f"{a.name} {a.share:.0%} ({a.mode})" for a in declared.arms) if declared else "none"
+        typer.echo(f"  experiment {declared.name if declared else '?'} ({settings.experiment_file}): {arms}; "
+                   "a plain `recsys stack up` restarts the service without it unless RECSYS_EXPERIMENT_FILE names it")
     base = f"http://127.0.0.1:{settings.service_port}"
 
     def post(path: str, body: dict, key: str | None = None) -> dict:
@@ -265,7 +275,7 @@ def step_serve(settings: Settings) -> None:
             return json.loads(resp.read())
 
     events = pads.dataset(settings.dataset_path / "events").to_table(columns=[S.COL_USER]).column(0).to_pandas()
-    user = int(events.value_counts().index[len(events.value_counts()) // 2])  # an ordinary active user
+    user = sample_user(settings, [int(u) for u in events.value_counts().index])
     samples: list[tuple[str, dict]] = [
         ("/recommend", {"user_id": user, "k": 5, "context": {"device": "mobile"}}),
         ("/recommend", {"user_id": 10_000_000, "k": 5, "context": {"categories": [3, 7]}}),
@@ -284,7 +294,7 @@ def step_serve(settings: Settings) -> None:
             typer.echo(f"    degraded because: {', '.join(reply['degraded_reasons'])}")
         if "model_versions" in reply:
             typer.echo(f"    model_versions: {json.dumps(reply['model_versions'], sort_keys=True)}")
-            served = served or reply["model_versions"]
+            served = served if "ranker" in served else reply["model_versions"]
     ranker = served.get("ranker", "absent")
     typer.echo(f"  the ranker scoring these answers: {ranker}" if ranker != "absent" else
                "  no ranker served: the answers blend the strategies' scores (run `recsys train ranker`, or the "
@@ -292,6 +302,18 @@ def step_serve(settings: Settings) -> None:
     reply = post("/events", {"user_id": user, "item_id": 1, "event_type": "VIEW"},
                  key=settings.api_key.get_secret_value())
     typer.echo(f"  POST /events (with X-API-Key) -> {reply['status']}, event_id {reply['event_id']}")
+
+
+def sample_user(settings: Settings, by_activity: list[int]) -> int:
+    """An ordinary active user (the median of ``by_activity``, most active first) whose answers the
+    ranker scores: in an experiment, the first from the median on in an arm of mode ``ranker``."""
+    from bentos.experiments import experiment_of
+
+    experiment = experiment_of(settings)
+    middle = by_activity[len(by_activity) // 2:] + by_activity[:len(by_activity) // 2]
+    if experiment is None:
+        return middle[0]
+    return next((u for u in middle if experiment.assign(u).mode == "ranker"), middle[0])
 
 
 def step_simulate(settings: Settings, requests: int = DEMO_SIM_REQUESTS) -> dict:
@@ -312,9 +334,19 @@ def timed_step(number: int, total: int, title: str, seconds: dict[str, float]) -
     typer.echo(f"  ({elapsed:.1f} s)")
 
 
-def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000, ranker: bool = True) -> dict[str, float]:
+def serving_settings(settings: Settings, experiment: bool) -> Settings:
+    """The settings the demo's service runs with: the experiment the settings already name, else
+    the demo's own (:data:`DEMO_EXPERIMENT`) unless ``experiment`` is False."""
+    if settings.experiment_file is not None or not experiment:
+        return settings
+    return settings.with_overrides(experiment_file=DEMO_EXPERIMENT)
+
+
+def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000, ranker: bool = True,
+             experiment: bool = True) -> dict[str, float]:
     """Run the demo's steps in order; returns the elapsed seconds of each step."""
     steps, seconds = 8, dict[str, float]()
+    serving = serving_settings(settings, experiment)
     started = time.perf_counter()
     with timed_step(1, steps, "local stack", seconds):
         step_stack(settings)
@@ -331,9 +363,9 @@ def run_demo(settings: Settings, n_users: int = 10_000, n_items: int = 5_000, ra
     with timed_step(6, steps, f"training: {training}", seconds):
         step_train(settings, ranker)
     with timed_step(7, steps, f"serving: bentoml serve on port {settings.service_port}, sample requests", seconds):
-        step_serve(settings)
+        step_serve(serving)
     with timed_step(8, steps, f"simulated users: {DEMO_SIM_REQUESTS} requests, clicks and purchases -> /events", seconds):
-        step_simulate(settings)
+        step_simulate(serving)
     total = time.perf_counter() - started
     typer.secho(f"\nDone in {total / 60:.1f} min: " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()),
                 bold=True, fg=typer.colors.GREEN)

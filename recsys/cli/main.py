@@ -162,13 +162,17 @@ def demo(
         "--ranker/--no-ranker",
         help="Train the TensorFlow ranker the service scores with (--no-ranker: skip it, the service "
              "serves the ranker already in the BentoML store, or blends the strategies without one).")] = True,
+    experiment: Annotated[bool, typer.Option(
+        "--experiment/--no-experiment",
+        help="Serve the demo's A/B experiment (deploy/experiments/demo.yaml: ranker, blend and popularity "
+             "arms) unless RECSYS_EXPERIMENT_FILE names another; --no-experiment: every user gets the ranker.")] = True,
 ) -> None:
     """The main job, end to end on the synthetic default: stack up, data, features, stream, ALS, the
     FAISS index and the TensorFlow ranker, the service, and what to look at next."""
     from recsys.cli.demo import run_demo
 
     try:
-        run_demo(settings_of(ctx), n_users=users, n_items=items, ranker=ranker)
+        run_demo(settings_of(ctx), n_users=users, n_items=items, ranker=ranker, experiment=experiment)
     except RuntimeError as exc:
         raise CliError(str(exc)) from exc
 

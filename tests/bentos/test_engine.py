@@ -294,3 +294,13 @@ def test_ranker_gets_recent_item_similarity_from_the_index(engine: Recommendatio
     assert out["recent_cosine_max"][1] == pytest.approx(1.0, abs=1e-5)  # item 1 is one of the recent items
     assert np.isnan(out["recent_cosine_max"][2])  # not in the index: imputed by the ranker, as in training
     assert all(np.isnan(x) for x in engine.scoring.recent_similarity({"last_5_items": None}, np.array([3]))["recent_cosine_max"])
+
+
+def test_the_cosine_fallback_scores_a_candidate_the_index_lacks_as_zero(engine: RecommendationEngine) -> None:
+    # a candidate the user-item table does not hold (an item added after the index was built, or
+    # -1) must not fail the request: its cosine is 0; a held item's equals the vectors' cosine
+    user = np.asarray(vector(3, 0.1), np.float32)
+    out = engine.scoring._cosine(user, None, np.array([3, 999_999, -1]))
+    assert out is not None
+    assert out[0] == pytest.approx(1.0, abs=1e-5)  # the same vector as the user's
+    assert out[1] == 0.0 and out[2] == 0.0

@@ -7,12 +7,14 @@ import threading
 import time
 import uuid
 
+from confluent_kafka import Producer
 from kafka import KafkaConsumer
 from prometheus_client import REGISTRY
 
 from bentos.answer import Recommendation
 from bentos.impressions import ImpressionLogger, impression_logger, kafka_producer
 from pipelines.impressions import decode_impression
+from pipelines.stack import free_port
 from recsys.config import Settings
 
 DROPPED = "recsys_impressions_dropped_total"
@@ -78,3 +80,17 @@ def test_logged_answers_reach_the_topic(stack_settings: Settings) -> None:
     assert sorted(rows) == ids
     assert rows["req-1"]["user_id"] == 1 and rows["req-1"]["item_ids"] == [10, 11, 12]
     assert rows["req-1"]["positions"] == [1, 2, 3] and rows["req-1"]["cached"] is True
+
+
+def test_impressions_kafka_never_took_are_counted_as_dropped() -> None:
+    def dead_broker() -> Producer:  # nothing listens there; undelivered after 500 ms
+        return Producer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "message.timeout.ms": 500,
+                         "error_cb": lambda _err: None})
+
+    logger = ImpressionLogger("t", 10, dead_broker)
+    before = REGISTRY.get_sample_value(DROPPED, {"reason": "kafka_error"}) or 0.0
+    for n in range(3):
+        logger.log(_answer(n), f"r{n}")
+    logger.close(timeout_s=5.0)  # the flush serves the three failed delivery reports
+    # 3 answers logged, none delivered: 3 counted
+    assert (REGISTRY.get_sample_value(DROPPED, {"reason": "kafka_error"}) or 0.0) - before == 3

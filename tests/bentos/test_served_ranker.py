@@ -1,13 +1,15 @@
 """A real `bentoml serve` with a trained ranker in its model store: answers carry the ranker's
 version and its scores (the ranker's logits as the rules turn them into answer scores, recomputed
 in process with :class:`RankerScorer` on the engine's candidates and features), and a ranker whose
-SavedModel fails at call time gives the cosine fallback, flagged, for every request. The server
+SavedModel fails at call time gives the cosine fallback, flagged, for every request, as does one
+that hangs inside TensorFlow past its budget, while other requests keep answering. The server
 runs an A/B experiment (ranker, blend and popularity arms): the users compared with the ranker are
 in its ranker arm, and the blend and popularity arms answer without the ranker, cached per arm."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -27,6 +29,7 @@ from recsys.config import Settings
 from recsys.schema import recs_cache_key
 from tests.support.feature_workspace import DIM
 from tests.support.experiments import experiment_file, served_impression
+from tests.support.hung_ranker import FifoGate, hanging_ranker
 from tests.support.models import train_tiny_ranker
 from tests.support.service_process import Server, serve, service_env
 from tests.support.serving import build_index, personalised_users
@@ -210,3 +213,83 @@ def test_a_ranker_failing_at_call_time_gives_the_cosine_fallback_flagged(broken_
     assert redis.Redis.from_url(feature_ws.effective_redis_url).get(recs_cache_key(users[0])) is None
     metrics = broken_server.call("/metrics", method="GET")[2]
     assert 'recsys_fallbacks_total{kind="ranker_error"}' in metrics
+
+
+#: the hung ranker's budget per call: short, so a miss answers soon after it; the ranker never
+#: returns, so no budget could make a call succeed
+HUNG_BUDGET_MS = 250
+
+
+@pytest.fixture()
+def hung_server(feature_ws: Settings, tiny_ranker_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    """The tiny ranker wrapped to block in TensorFlow for every user with an embedding
+    (tests.support.hung_ranker): the start-up warm-up (a user without one) runs normally, every
+    request's ranker call hangs until teardown. Function-scoped: its server stops after the test."""
+    with FifoGate(tmp_path / "gate") as gate:
+        home = _store(tmp_path / "bentoml", hanging_ranker(tiny_ranker_dir, tmp_path / "ranker", gate))
+        # the warm-up timeout bounds the start-up should the gate ever catch the warm-up too
+        env = service_env(feature_ws, home, RECSYS_RANKER_TIMEOUT_MS=str(HUNG_BUDGET_MS),
+                          RECSYS_RANKER_WARMUP_TIMEOUT_S="20", RECSYS_RANKER_PRECISION="auto")
+        with serve(env, tmp_path / "serve.log") as srv:
+            try:
+                yield srv
+            finally:
+                gate.release()  # the stuck ranker threads return (with an error), so the server stops at once
+
+
+def _timed(server: Server, path: str, body: Any) -> tuple[int, Any, float]:
+    start = time.monotonic()
+    status, _, answer = server.call(path, body)
+    return status, answer, time.monotonic() - start
+
+
+def test_a_ranker_hanging_past_its_timeout_gives_the_cosine_fallback_and_other_requests_go_on(
+        hung_server: Server, feature_ws: Settings) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    # the start-up was normal: the warm-up's calls returned and the configured budget is in force
+    assert "ranker warm-up failed" not in hung_server.log.read_text(errors="replace")
+    metrics = hung_server.call("/metrics", method="GET")[2]
+    # one sample per worker (labelled by pid in BentoML's multiprocess metrics): 0.25 s
+    assert re.search(r"^recsys_ranker_budget_seconds(\{[^}]*\})? 0\.25$", metrics, re.M), metrics
+    users = personalised_users(feature_ws)
+    client = redis.Redis.from_url(feature_ws.effective_redis_url)
+    client.delete(*[recs_cache_key(u) for u in users])
+    # a cold-start user (unknown id) never asks the ranker, and its answer is cached: the hits below
+    cold = 987_654
+    deadline = time.monotonic() + 10  # the cache is written off the response path: poll for the hit
+    while (hit := hung_server.call("/recommend", {"user_id": cold, "k": 10})[2])["cached"] is False:
+        assert time.monotonic() < deadline, "the cold-start answer was never cached"
+        time.sleep(0.1)
+    assert hit["cold_start"] is True and hit["degraded"] is False, hit
+
+    # one miss alone: its ranker call runs and hangs; the answer comes after the budget, from the cosine.
+    # Time bounds here are about the property itself (the ranker never returns, and the service's
+    # own request timeout is 10 s): 5 s is twenty times the budget, room for a loaded 2-core machine
+    status, body, took = _timed(hung_server, "/recommend", {"user_id": users[0], "k": 10})
+    assert status == 200 and took < 5.0, (status, took, body)
+    assert body["degraded"] is True and body["degraded_reasons"] == ["ranker timeout"], body
+    assert body["cached"] is False and body["cold_start"] is False and len(body["items"]) == 10
+    assert body["model_versions"]["ranker_variant"] == "full"
+    assert all(0.0 <= i["score"] <= 1.155 for i in body["items"])  # cosine in [0, 1] x at most 1.1 x 1.05
+
+    # then, with a ranker thread stuck: misses of other users and hits of the cached one, together
+    misses = [("/recommend", {"user_id": u, "k": 10}) for u in users[1:7]]
+    hits = [("/recommend", {"user_id": cold, "k": 10})] * 6
+    with ThreadPoolExecutor(len(misses) + len(hits)) as pool:
+        results = list(pool.map(lambda call: _timed(hung_server, *call), misses + hits))
+    for status, answer, took in results:
+        assert status == 200 and took < 5.0, (status, took, answer)
+    for _, answer, _ in results[: len(misses)]:
+        # its call hung on a ranker thread, or waited for one; with at most 6 waiting, never "busy"
+        assert answer["degraded"] is True and answer["degraded_reasons"] == ["ranker timeout"], answer
+        assert len(answer["items"]) == 10
+    for _, answer, _ in results[len(misses):]:
+        assert answer["cached"] is True and answer["degraded"] is False and answer["items"] == hit["items"], answer
+    # a degraded answer is never cached: the next request asks the (still hung) ranker again
+    assert client.get(recs_cache_key(users[0])) is None
+    status, again, _ = _timed(hung_server, "/recommend", {"user_id": users[0], "k": 10})
+    assert status == 200 and again["degraded_reasons"] == ["ranker timeout"], again
+    metrics = hung_server.call("/metrics", method="GET")[2]
+    assert 'recsys_fallbacks_total{kind="ranker_timeout"} 8.0' in metrics  # 1 + 6 + 1 misses
+    assert 'kind="ranker_error"' not in metrics and 'kind="ranker_busy"' not in metrics

@@ -1,7 +1,8 @@
 """`recsys report experiment` on tables written by the real writers, with Spark: hand-computed
 counts and CTRs through the CLI, its table, JSON and plot (attribution by user, item and window:
 duplicates, other experiments, late, early and unshown clicks left out), attribution by
-request_id where the events carry one, and an arm built to be better shown better with an interval
+request_id where the events carry one (logged by the stream's live log; parts written before the
+column existed read as null), and an arm built to be better shown better with an interval
 of the difference that excludes zero."""
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from models.experiment_report import ReportError, build_report, experiment_report
+from models.experiment_report import ReportError, attribution_rule, build_report, experiment_report
+from pipelines.canonical import read_table
+from pipelines.events import event_to_message, select_events
+from pipelines.live_log import append_live_events
+from recsys import schema as S
 from recsys.cli.main import app
 from recsys.config import Settings
 from tests.support.experiments import T0, answer, event, write_dataset
@@ -98,29 +103,70 @@ def test_the_baseline_and_the_comparisons_from_the_counts() -> None:
     # against none: difference 0.5
     both = build_report("exp-a", [_row("blend", 2, 2, 4, 3, 0, 0), _row("ranker", 2, 2, 5, 1, 1, 1)], "window", 1_800.0)
     assert both.comparison("purchases_per_user", "ranker").difference.value == 0.5
+    # the attribution label: 2 click events + 1 purchase attributed, of them by their id none, 1, all 3
+    labels = [attribution_rule([{**_row("x", 1, 1, 2, 2, 1, 1), "by_request_id": n}]) for n in (0, 1, 3)]
+    assert labels == ["window", "request_id, else window", "request_id"]
+
+
+def _live(dataset: Path, events: list[dict], key: str) -> None:
+    """``events`` through the stream's live log (:func:`append_live_events`), as wire messages."""
+    assert append_live_events(dataset, [event_to_message(e)[1] for e in events], key) == len(events)
 
 
 def test_events_with_a_request_id_are_attributed_by_it(tmp_path: Path, spark: object) -> None:
-    """A table whose events carry ``request_id`` (not a canonical column today: written here with an
-    extra column): a click naming r1 counts even hours later; one without an id by the window."""
+    """Every click and purchase carries its answer's ``request_id`` (logged by the stream's live log
+    as /events sends them): each counts in the answer it names, however late, and nowhere else."""
+    settings = _settings(tmp_path, "ids")
+    write_dataset(settings.dataset_path, [], [[answer("r1", 1, T0, [10, 11, 12], "a", "exp-c"),
+                                               answer("r2", 2, T0, [10], "b", "exp-c"),
+                                               answer("r3", 3, T0, [20, 21], "b", "exp-c")]])
+    _live(settings.dataset_path, [
+        event(1, 11, "CLICK", T0 + 7_200, request_id="r1", position=2),  # r1 slot 2, two hours on
+        event(1, 12, "CLICK", T0 + 60, request_id="r1", position=3),     # r1 slot 3
+        event(1, 10, "CLICK", T0 + 60, request_id="r9", position=1),     # an answer not in the table
+        event(3, 10, "CLICK", T0 + 60, request_id="r3", position=1),     # item 10 is not in r3
+        event(2, 10, "CLICK", T0 + 30, request_id="r2", position=1),     # r2 slot 1
+        event(3, 21, "PURCHASE", T0 + 90, request_id="r3", position=2),  # r3 slot 2: a purchase, no click
+    ], "ids")
+    report = experiment_report(settings, "exp-c", window_s=1_800, spark=spark)
+    assert report.attribution == "request_id"  # every attributed event by its id
+    a, b = report.arm("a"), report.arm("b")
+    # a: r1 shows 3 items, 2 clicked (11 and 12): CTR 2/3; both clicks by id
+    assert (a.clicks, a.items_shown, a.by_request_id) == (2, 3, 2) and a.ctr.value == pytest.approx(2 / 3)
+    # b: r2 (1 item) and r3 (2 items), 1 clicked (r2's 10): CTR 1/3; r3's purchase: 1 over 2 users
+    assert (b.clicks, b.items_shown, b.purchases, b.by_request_id) == (1, 3, 1, 2)
+    assert b.ctr.value == pytest.approx(1 / 3) and b.purchases_per_user.value == 0.5
+
+
+def test_parts_written_before_the_attribution_columns_read_as_null(tmp_path: Path, spark: object) -> None:
+    """A dataset of tables version 1 (its part has no ``request_id`` or ``position``) to which the
+    stream appended a live event with one: every reader reads both parts, the old rows with nulls,
+    and the report attributes the old event by the window, the new one by its id."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from pyspark.sql import functions as F
 
-    from recsys import schema as S
-
-    settings = _settings(tmp_path, "with-ids")
+    settings = _settings(tmp_path, "v1")
     write_dataset(settings.dataset_path, [], [[answer("r1", 1, T0, [10, 11], "a", "exp-c"),
                                                answer("r2", 2, T0, [10], "b", "exp-c")]])
-    rows = [event(1, 11, "CLICK", T0 + 7_200, request_id="r1"),  # by its id, outside the window
-            event(1, 10, "CLICK", T0 + 60, request_id="r9"),     # an answer not in the table: not counted
-            event(2, 10, "CLICK", T0 + 60, request_id=None)]     # no id: by the window, r2
-    schema = S.EVENTS_SCHEMA.append(pa.field("request_id", pa.string()))
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), settings.dataset_path / "events" / "part-00000.parquet",
-                   coerce_timestamps="us")
+    v1 = pa.schema([f for f in S.EVENTS_SCHEMA if f.name not in S.ATTRIBUTION_COLUMNS])
+    old = event(2, 10, "CLICK", T0 + 60, event_id="old")  # no id: by the window, r2
+    part = settings.dataset_path / "events" / "part-00000.parquet"
+    pq.write_table(pa.Table.from_pylist([old], schema=v1), part, coerce_timestamps="us")
+    _live(settings.dataset_path, [event(1, 11, "CLICK", T0 + 7_200, event_id="new", request_id="r1", position=2)],
+          "v2")
+    rows = read_table(settings.dataset_path, "events").set_index(S.COL_EVENT_ID)
+    assert rows[S.COL_REQUEST_ID].to_dict() == {"old": None, "new": "r1"}
+    assert rows[S.COL_POSITION].isna().to_dict() == {"old": True, "new": False}
+    assert select_events(settings.dataset_path).column(S.COL_REQUEST_ID).to_pylist() == [None, "r1"]  # by time
+    # Spark's own inference (what batch features, cleaning, backfill and retrain read) takes the
+    # schema of one part: either way the canonical columns of both parts are there
+    plain = spark.read.parquet(str(settings.dataset_path / "events"))
+    assert plain.where(F.col(S.COL_EVENT_TYPE) == "CLICK").select(S.COL_EVENT_ID, S.COL_USER, S.COL_TS).count() == 2
     report = experiment_report(settings, "exp-c", window_s=1_800, spark=spark)
     assert report.attribution == "request_id, else window"
-    assert (report.arm("a").clicks, report.arm("a").items_shown) == (1, 2)  # CTR 1/2
-    assert (report.arm("b").clicks, report.arm("b").items_shown) == (1, 1)  # CTR 1/1
+    assert (report.arm("a").clicks, report.arm("a").items_shown, report.arm("a").by_request_id) == (1, 2, 1)  # 1/2
+    assert (report.arm("b").clicks, report.arm("b").items_shown, report.arm("b").by_request_id) == (1, 1, 0)  # 1/1
 
 
 @pytest.fixture(scope="module")

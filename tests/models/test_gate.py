@@ -1,6 +1,7 @@
-"""The promotion gate: the decision on hand-computed numbers, the evaluation window on hand-made
-events (Spark), and the gate on real ALS fits: a challenger with more data passes it, one
-trained on a history whose items were shuffled does not."""
+"""The promotion gate: the decision on hand-computed numbers (and which rows decide), the user
+sample, the evaluation window on hand-made events (Spark), and the gate on real ALS fits of sets
+without a ranker: a challenger with more data passes it, one trained on a history whose items were
+shuffled does not. The gate on sets with rankers: tests/models/test_retrain.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pandas as pd
 import pytest
 
 from models.als import ALSConfig
-from models.gate import decide, metric_depth, window_eval_set
+from models.gate import decide, decide_rows, metric_depth, served_row, window_eval_set
+from models.gate_scoring import ScoredSet, gate, sample_users
+from models.protocol import EvalSet
 from pipelines.cleaning import CleaningConfig
 from recsys import schema as S
 from recsys.config import Settings
@@ -67,6 +70,50 @@ def test_a_negative_tolerance_is_refused() -> None:
         decide({"ndcg@10": 0.1}, {"ndcg@10": 0.1}, "ndcg@10", -0.1)
 
 
+# ---- which rows decide ---------------------------------------------------------------------------
+
+
+def test_what_a_set_serves_decides() -> None:
+    """A set with a two-stage row is judged on it, one without on its ALS row."""
+    ranked = {"als": {"ndcg@10": 0.30}, "two_stage": {"ndcg@10": 0.20}}
+    alone = {"als": {"ndcg@10": 0.25}, "two_stage": None}
+    assert (served_row(ranked), served_row(alone)) == ("two_stage", "als")
+    # two-stage 0.20 against two-stage 0.30: 0.10 below, refused although its ALS (0.30) is level
+    kept = decide_rows(ranked, {"als": {"ndcg@10": 0.30}, "two_stage": {"ndcg@10": 0.30}}, "ndcg@10", 0.005)
+    assert not kept.promote and (kept.challenger_row, kept.champion_row) == ("two_stage", "two_stage")
+    assert kept.reason == ("kept the champion: challenger ndcg@10 0.2000 is 0.1000 below the champion's 0.3000, "
+                           "more than the tolerance 0.005 (two-stage lists)")
+    # a challenger with a ranker against a champion without one: two-stage 0.20 vs ALS 0.25
+    mixed = decide_rows(ranked, alone, "ndcg@10", 0.005)
+    assert not mixed.promote and (mixed.challenger, mixed.champion) == (0.20, 0.25)
+    assert mixed.reason.endswith("(challenger two-stage lists vs champion ALS lists)")
+    first = decide_rows(ranked, None, "ndcg@10", 0.005)
+    assert first.promote and (first.challenger, first.challenger_row, first.champion_row) == (0.20, "two_stage", None)
+
+
+def _eval_set(n_users: int) -> EvalSet:
+    """User u (10, 20, ...) has positive column u and saw column u + 1 (of n_users + 1 columns)."""
+    return EvalSet(catalogue=np.arange(n_users + 1, dtype=np.int64),
+                   users=np.arange(1, n_users + 1, dtype=np.int64) * 10,
+                   positives=tuple(np.array([u]) for u in range(n_users)),
+                   seen=tuple(np.array([u + 1]) for u in range(n_users)),
+                   train_counts=np.arange(n_users, dtype=np.int64), popularity=np.ones(n_users + 1))
+
+
+def test_the_sample_keeps_each_users_rows_together() -> None:
+    full = _eval_set(6)
+    assert sample_users(full, None) is full and sample_users(full, 6) is full  # no more users than the cap
+    sample = sample_users(full, 3)
+    assert len(sample.users) == 3 and list(sample.users) == sorted(sample.users)  # in the set's order
+    rows = (sample.users // 10 - 1).tolist()  # user 10u sits in row u - 1 of the full set
+    assert [p.tolist() for p in sample.positives] == [[r] for r in rows]
+    assert [s.tolist() for s in sample.seen] == [[r + 1] for r in rows]
+    assert sample.train_counts.tolist() == rows
+    assert np.array_equal(sample_users(full, 3).users, sample.users)  # seeded: the same users again
+    with pytest.raises(ValueError, match="gate_max_users"):
+        Settings(gate_max_users=0)
+
+
 # ---- the window ----------------------------------------------------------------------------------
 
 
@@ -114,14 +161,19 @@ def test_more_data_passes_and_a_shuffled_history_does_not(dataset: Settings, tmp
     """The champion: ALS on the first half (to day 5 of 10). The challenger on all ten days
     passes the gate; on a copy whose history before the 3-day window has its items shuffled, it
     fails."""
-    from models.retrain import gate
     from models.train import train_als
 
-    champion = train_als(dataset.with_overrides(as_of=END - timedelta(days=5)), ALS, export=False,
-                         progress=False).factors
+    champion = ScoredSet(train_als(dataset.with_overrides(as_of=END - timedelta(days=5)), ALS, export=False,
+                                   progress=False).factors)
     more, _ = gate(dataset.with_overrides(as_of=END), ALS, CleaningConfig(), champion)
     assert more.promote and more.champion is not None, more.reason
     shuffled = degraded_copy(dataset, "shuffled", before=END - timedelta(days=3))
     worse, comparison = gate(shuffled.with_overrides(as_of=END), ALS, CleaningConfig(), champion)
     assert not worse.promote and worse.reason.startswith("kept the champion: challenger ndcg@10"), worse.reason
+    assert worse.reason.endswith("(ALS lists)")
     assert comparison["window"]["scored_users"] > 0 and comparison["metric"] == "ndcg@10"
+    # neither set has a ranker: the ALS rows decide, the two-stage rows are absent and say why
+    assert comparison["decided_by"] == {"challenger": "als", "champion": "als"}
+    assert comparison["rows"]["two_stage"] == {"challenger": None, "champion": None}
+    assert comparison["rows"]["als"]["challenger"] == comparison["challenger"]
+    assert comparison["rankers"] == {"challenger": "no ranker: ALS alone", "champion": "no ranker: ALS alone"}

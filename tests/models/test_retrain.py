@@ -1,6 +1,9 @@
 """`recsys retrain` end to end on the real MLflow of the test stack and a temporary BentoML store:
 with no champion the challenger is promoted (the pointer, the MLflow aliases, the comparison logged
-to the run, the factors published to the feature tables); an unpromoted challenger is never served."""
+to the run, the factors published to the feature tables); an unpromoted challenger is never served;
+the gate judges the whole set, so a challenger whose ranker ranks worse is refused on the two-stage
+lists even though its ALS alone would pass, and the refusal is recorded on the run (real Spark,
+Feast, TensorFlow and MLflow)."""
 
 from __future__ import annotations
 
@@ -8,15 +11,25 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from bentos.factory import served_models
+from models.als import ALSConfig
 from models.champion import CHAMPION_ALIAS, CHALLENGER_ALIAS, ModelSet, read_champion, write_champion
-from models.names import ALS_MODEL_NAME, BENTO_INDEX_MODEL, INDEX_MODEL_NAME
+from models.gate import GateDecision, decide
+from models.gate_scoring import champion_set, gate, stored_ranker
+from models.names import ALS_MODEL_NAME, BENTO_INDEX_MODEL, BENTO_RANKER_MODEL, INDEX_MODEL_NAME
+from pipelines.cleaning import CleaningConfig
 from recsys.config import Settings
+from tests.support.hung_ranker import als_ranker, reversed_ranker
+from tests.support.models import train_tiny_ranker
+from tests.support.ranked_retrain import gate_als_fit, store_set, with_feature_store
 from tests.support.retrain import END, small_dataset
 from tests.support.settings import REPO
 
@@ -79,3 +92,96 @@ def test_an_unpromoted_model_is_never_served(retrained: tuple[Settings, Path, st
         assert served_models(home).versions["index"] == "absent"
     finally:
         write_champion(champion, home)
+
+
+# ---- the gate judges the whole set: the ranker too ---------------------------------------------------
+
+#: the ALS of both sets; its rank is the rankers' embedding size (they are fed the set's own vectors)
+ALS = ALSConfig(rank=8, max_iter=5, num_blocks=1)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """What the gate with rankers returned (``decision``, ``comparison``) for the stored
+    ``champion`` and ``challenger`` sets in the BentoML store at ``home``, on ``settings``."""
+
+    settings: Settings
+    decision: GateDecision
+    comparison: dict[str, Any]
+    champion: ModelSet
+    challenger: ModelSet
+    home: Path
+
+
+@pytest.fixture(scope="module")
+def refused(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Refused:
+    """The gate (:func:`models.gate_scoring.gate`) on a small dataset between two sets that share
+    their ALS factors, the very fit the gate makes for the challenger: the champion's ranker
+    orders each candidate list as ALS does, the challenger's is that ranker reversed (its scores
+    negated: each list's worst candidates first). Both sets are stored as a retrain stores them
+    and read back as `recsys retrain` reads them for the gate (the champion's pointer, the
+    challenger's ranker tag, scored as it is: no refit)."""
+    tmp = tmp_path_factory.mktemp("gate-ranker")
+    settings = with_feature_store(stack_settings.with_overrides(data_dir=tmp / "data", dataset="ranked", as_of=END,
+                                                                gate_window_days=3))
+    home = tmp / "bentoml"
+    # a trained export (its signature, encoder and item statistics) wrapped to score by the ALS vectors
+    agrees = als_ranker(train_tiny_ranker(tmp / "tiny", rank=ALS.rank), tmp / "agrees")
+    factors = gate_als_fit(settings, ALS, CleaningConfig())
+    champion = store_set(settings, factors, agrees, home, tmp, "champion")
+    write_champion(champion, home)
+    challenger = store_set(settings, factors, reversed_ranker(agrees, tmp / "reversed"), home, tmp, "challenger")
+    scored, why = champion_set(read_champion(home), settings, home)
+    assert scored is not None, why
+    decision, comparison = gate(settings, ALS, CleaningConfig(), scored, why,
+                                ranker=stored_ranker(challenger.tags[BENTO_RANKER_MODEL], settings, home))
+    return Refused(settings, decision, comparison, champion, challenger, home)
+
+
+def test_a_ranker_that_ranks_worse_is_refused_on_the_two_stage_lists(refused: Refused) -> None:
+    decision, comparison = refused.decision, refused.comparison
+    rows = comparison["rows"]
+    assert not decision.promote, decision.reason
+    assert comparison["decided_by"] == {"challenger": "two_stage", "champion": "two_stage"}
+    assert decision.reason.startswith("kept the champion: challenger ndcg@10"), decision.reason
+    assert decision.reason.endswith("(two-stage lists)"), decision.reason
+    # the comparison carries both rows for both sets, scored on the same window users
+    scored = comparison["sample"]["users"]
+    assert scored == comparison["window"]["scored_users"] > 0  # fewer than gate_max_users: no sample drawn
+    assert {rows[row][side]["users"] for row in ("als", "two_stage") for side in ("challenger", "champion")} == {scored}
+    assert comparison["challenger"] == rows["two_stage"]["challenger"]
+    assert comparison["champion"] == rows["two_stage"]["champion"]
+    # the same factors, the same ALS rows: on them alone the challenger would have been promoted
+    for metric in ("ndcg@10", "recall@10", "ndcg@20"):
+        assert rows["als"]["challenger"][metric] == rows["als"]["champion"][metric], metric
+    als_only = decide(rows["als"]["challenger"], rows["als"]["champion"], "ndcg@10", comparison["tolerance"])
+    assert als_only.promote, als_only.reason
+    # the champion's ranker keeps ALS's order and its candidates hold ALS's top 10: its two-stage
+    # lists are its ALS lists (expected: its als row); the challenger's put the worst candidates first
+    assert rows["two_stage"]["champion"]["ndcg@10"] == rows["als"]["champion"]["ndcg@10"]
+    assert decision.champion is not None
+    assert decision.challenger == rows["two_stage"]["challenger"]["ndcg@10"] < decision.champion - decision.tolerance
+    assert comparison["rankers"] == {"challenger": refused.challenger.tags[BENTO_RANKER_MODEL],
+                                     "champion": refused.champion.tags[BENTO_RANKER_MODEL]}
+    # the gate decides, it never promotes: the pointer still names the champion
+    assert read_champion(refused.home) == refused.champion
+
+
+def test_a_refusal_is_recorded_with_every_rows_metrics(refused: Refused) -> None:
+    """What `recsys retrain` does with the gate's answer (``models.retrain._record``, on a run of
+    the test stack's MLflow): the comparison as an artefact, the tags, every row's metrics."""
+    from models.retrain import _record
+
+    client = MlflowClient(refused.settings.effective_mlflow_uri)
+    run_id = client.create_run(client.create_experiment(f"gate-record-{uuid.uuid4().hex[:8]}")).info.run_id
+    path = _record(refused.settings, run_id, refused.comparison, refused.decision)
+    assert json.loads(path.read_text())["decided_by"] == {"challenger": "two_stage", "champion": "two_stage"}
+    data = client.get_run(run_id).data
+    assert data.tags["gate_decision"] == "kept_champion" and data.tags["gate_reason"] == refused.decision.reason
+    rows = refused.comparison["rows"]
+    # the deciding rows as gate/<side>/..., every row as gate/<row>/<side>/... ('@' is not allowed: '_at_')
+    assert data.metrics["gate/challenger/ndcg_at_10"] == rows["two_stage"]["challenger"]["ndcg@10"]
+    for row in ("als", "two_stage"):
+        for side in ("challenger", "champion"):
+            assert data.metrics[f"gate/{row}/{side}/ndcg_at_10"] == rows[row][side]["ndcg@10"], (row, side)
+    assert [a.path for a in client.list_artifacts(run_id, "gate")] == [f"gate/gate-{run_id}.json"]

@@ -44,6 +44,7 @@ def _dataset(root: Path) -> Path:
     events[S.COL_TS] = pd.to_datetime(events[S.COL_TS], utc=True).dt.as_unit("us")
     events[S.COL_SESSION] = None
     events[S.COL_CONTEXT] = None
+    events[S.COL_REQUEST_ID] = events[S.COL_POSITION] = None  # no attribution: not live events
     created = pd.to_datetime(["2025-12-01T00:00", "2025-12-01T00:00", "2026-01-02T12:00"], utc=True).as_unit("us")
     items = pd.DataFrame({S.COL_ITEM: [1, 2, 3], "title": ["a", "b", "c"], S.COL_CATEGORY: [7, 8, 8],
                           "tags": [["x"], ["y"], []], "price": 1.0, "margin": 0.1, "quality_score": 4.0,

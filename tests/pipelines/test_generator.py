@@ -47,6 +47,9 @@ def test_ids_and_times_in_range(dataset: Path, events: pd.DataFrame) -> None:
     assert events[S.COL_ITEM].between(1, CFG.n_items).all()
     assert events[S.COL_TS].min() >= pd.Timestamp(CFG.start) and events[S.COL_TS].max() < pd.Timestamp(CFG.end)
     assert events[S.COL_EVENT_ID].is_unique
+    # generated events are not answers to anyone: no attribution (tables version 2 has the columns)
+    assert events[S.COL_REQUEST_ID].isna().all() and events[S.COL_POSITION].isna().all()
+    assert read_manifest(dataset).schema_version == S.TABLES_VERSION == 2
     items = read_table(dataset, "items")
     assert items[S.COL_ITEM].tolist() == list(range(1, CFG.n_items + 1))
     assert (items["inventory"] == 0).mean() == pytest.approx(CFG.out_of_stock_share, abs=0.02)

@@ -34,6 +34,7 @@ def test_ml100k_ratings_and_timestamps_preserved(ml100k: Path, ml100k_path: Path
     assert (merged[S.COL_VALUE] == merged["rating"]).all()
     assert (merged[S.COL_TS].astype("int64") // 1_000_000 == merged["ts"]).all()  # microseconds
     assert set(events[S.COL_EVENT_TYPE]) == {"RATING"}
+    assert events[S.COL_REQUEST_ID].isna().all() and events[S.COL_POSITION].isna().all()  # loaded: no attribution
     # the first line of u.data: "196  242  3  881250949"
     row = events.set_index("event_id").loc["r-196-242-881250949"]
     assert (row[S.COL_USER], row[S.COL_ITEM], row[S.COL_VALUE]) == (196, 242, 3.0)

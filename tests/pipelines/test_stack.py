@@ -176,3 +176,6 @@ def test_service_workers_reach_bentoml_through_its_override_variable(tmp_path: P
     assert service_env(settings)["BENTOML_CONFIG_OPTIONS"] == "services.recsys.traffic.timeout=5 services.recsys.workers=2"
     command = service_command(settings)
     assert command[-6:] == ["--host", "127.0.0.1", "--port", "3999", "--working-dir", str(settings.home)]
+    # an experiment set in code reaches the service as an absolute path
+    declared = settings.with_overrides(experiment_file=Path("deploy/experiments/demo.yaml"))
+    assert service_env(declared)["RECSYS_EXPERIMENT_FILE"] == str(settings.home / "deploy/experiments/demo.yaml")

@@ -1,7 +1,8 @@
 """The stream consumer as a managed service of the stack, with real processes: `stack up` starts two
 `recsys stream run` workers in one group on the feature workspace, an event sent with the
 producer changes the user's real-time features in Redis, `stack status` shows the workers healthy
-with the group's lag, and `stack down` (SIGTERM) leaves every offset committed.
+with the group's lag, `stack up --workers 1` stops the second one (SIGTERM: a clean exit) and
+`status` then lists one, and `stack down` (SIGTERM) leaves every offset committed.
 
 One start for the module: the workers run on ``feature_ws`` (dataset, Feast applied) with their
 own Redis database, topics and consumer group (:func:`tests.support.stream.scoped`).
@@ -146,9 +147,45 @@ def test_status_shows_the_workers_healthy_with_the_group_lag(started: tuple[Sett
     assert lines["stream-1"].endswith(f"group lag {3 - committed_total(settings)}")
 
 
+def test_up_with_fewer_workers_stops_the_extra_ones_with_sigterm(started: tuple[Settings, LocalStack, list]) -> None:
+    """`stack up --workers 1` after two: stream-1 gets SIGTERM, flushes, commits and exits 0;
+    stream-0 takes over its partitions and runs on; `status` lists the one worker that runs, though
+    the module's settings still say two, and every event ends committed."""
+    settings, stack, rows = started
+    # one event in each of the 4 partitions (kafka-python's partitioner, murmur2 of the key, puts
+    # users 5001, 5000, 5002, 5003 in partitions 0..3): both workers hold events not yet committed
+    users = (5001, 5000, 5002, 5003)
+    item = int(pq.read_table(settings.dataset_path / "items", columns=[S.COL_ITEM]).column(0)[0].as_py())
+    with EventProducer(settings.effective_kafka_bootstrap, settings.events_topic) as producer:
+        producer.send_many([{S.COL_EVENT_ID: f"scale-{u}", S.COL_USER: u, S.COL_ITEM: item, S.COL_EVENT_TYPE: "VIEW",
+                             S.COL_VALUE: None, S.COL_TS: datetime.now(timezone.utc), S.COL_SESSION: None,
+                             S.COL_CONTEXT: None} for u in users])
+    reader = OnlineFeatureReader(settings, [f"{T.USER_REALTIME}:interaction_count"], [])
+    poll(lambda: all(reader.read(u, []).user["interaction_count"] == 1 for u in users) or None, 60,
+         "the four events applied online")
+    extra = rows[1].pid
+    result = recsys_cli(settings, "stack", "up", "--only", "stream", "--workers", "1", timeout_s=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["stream-0"]
+    assert "SIGKILL" not in result.stderr and not stack.pid_file(worker_name(1)).exists()
+    # the fixture's process started the worker: its exit status is ours to collect. 0 is a normal
+    # return from the consumer's run(), after the last offline append and commit (SIGKILL: -9)
+    _, status = os.waitpid(extra, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "stream stopped events=" in stack.log_file(worker_name(1)).read_text()
+    listed = [r for r in stack.status() if r.name.startswith(STREAM)]
+    assert [(r.name, r.state, r.pid) for r in listed] == [("stream-0", "running", rows[0].pid)]
+    assert [r.name for r in stack.status([STREAM])] == ["stream-0"]
+    # stream-0 lived through the rebalance: it appended the partitions it gave up and committed
+    # them (its rebalance listener runs on Kafka's IO thread: the commit is queued there), took
+    # all four, and runs on. Generous: its flush process may start Spark for the append.
+    lag = poll(lambda: (g := stack.group_lag()) is not None and g.total == 0 or None, 120, "the group's lag at 0")
+    assert lag and stack.status([STREAM])[0].pid == rows[0].pid and stack.status([STREAM])[0].healthy
+
+
 def test_down_stops_the_workers_with_their_offsets_committed(started: tuple[Settings, LocalStack, list]) -> None:
     settings, stack, rows = started
-    assert sorted(stack.down([STREAM])) == ["stream-0", "stream-1"]
+    assert stack.down([STREAM]) == ["stream-0"]  # stream-1 was stopped by the smaller `up`
     assert not any(stack.pid_file(r.name).exists() for r in rows)
     lag = stack.group_lag()
     assert lag is not None and lag.total == 0, lag  # SIGTERM: appended offline, then committed

@@ -1,6 +1,7 @@
 """The stream's offline event log: a flush that crashed after writing its files but before trimming
 the outbox writes nothing twice (real Redis, real files; no Spark: the outboxes hold events only),
-and the live appends to a dataset's tables (events by date, items by id) and their count."""
+and the live appends to a dataset's tables (events by date, with their attribution; items by id)
+and their count."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def test_a_flush_cut_after_writing_writes_nothing_twice(dataset: Settings) -> No
     events = [{S.COL_EVENT_ID: f"e{i}", S.COL_USER: 7, S.COL_ITEM: 1 + i, S.COL_EVENT_TYPE: "VIEW", S.COL_VALUE: None,
                S.COL_TS: midnight + timedelta(minutes=i - 2), S.COL_SESSION: "s", S.COL_CONTEXT: None}
               for i in range(5)]
+    events[1].update({S.COL_REQUEST_ID: "r7", S.COL_POSITION: 2})  # sent with its answer's id (attribution)
 
     def entry(first: int, last: int) -> None:
         pipe = client.pipeline(transaction=True)
@@ -59,6 +61,9 @@ def test_a_flush_cut_after_writing_writes_nothing_twice(dataset: Settings) -> No
     assert (done.events, done.rows, done.offsets) == (5, 0, {0: 5})  # safe to commit up to offset 5
     logged = live_events(settings)
     assert sorted(logged[S.COL_EVENT_ID]) == ["e0", "e1", "e2", "e3", "e4"]  # each once
+    attributed = logged.set_index(S.COL_EVENT_ID)
+    assert attributed.loc["e1", S.COL_REQUEST_ID] == "r7" and attributed.loc["e1", S.COL_POSITION] == 2
+    assert attributed.loc["e0", S.COL_REQUEST_ID] is None  # an event without: null
     # one file per date, named by the first offset: the retry rewrote the same two files
     files = (settings.dataset_path / "events").glob(f"live-*-{settings.events_topic}-*")
     names = sorted(p.name.split("-p0-")[0] for p in files)
@@ -88,6 +93,27 @@ def test_live_events_are_canonical_and_every_reader_sees_them(dataset: Settings,
     summary = live_summary(dataset.dataset_path)
     # the live rows are the table's rows but the writer's 10 (users 1 and 2, 5 events each)
     assert (summary.events, summary.max_event_ts) == (table.num_rows - 10, (END + timedelta(days=2)).isoformat())
+
+
+def test_live_events_keep_their_attribution(dataset: Settings) -> None:
+    """An event sent with its answer's ``request_id`` and ``position`` keeps both in the events table;
+    bad attribution (a position alone, of the wrong type) is logged as null and the event is kept."""
+    at = END + timedelta(days=1)
+    shown = wire({**_event("a1", at), S.COL_REQUEST_ID: "r1", S.COL_POSITION: 2})
+    bad = {**json.loads(wire(_event("a2", at))), S.COL_REQUEST_ID: 7, S.COL_POSITION: "x"}
+    alone = {**json.loads(wire(_event("a3", at))), S.COL_POSITION: 1}  # POST /events refuses this one
+    assert append_live_events(dataset.dataset_path, [shown, json.dumps(bad), json.dumps(alone)], "attr") == 3
+    rows = read_table(dataset.dataset_path, "events").set_index(S.COL_EVENT_ID).loc[["a1", "a2", "a3"]]
+    assert rows[S.COL_REQUEST_ID].tolist() == ["r1", None, None]
+    assert rows[S.COL_POSITION].tolist()[0] == 2 and rows[S.COL_POSITION].iloc[1:].isna().all()
+    # the writer's own rows (generated or loaded events) have no attribution
+    base = read_table(dataset.dataset_path, "events").query("event_id.str.startswith('base')")
+    assert len(base) == 10 and base[S.COL_REQUEST_ID].isna().all() and base[S.COL_POSITION].isna().all()
+
+
+def _event(event_id: str, at: datetime) -> dict:
+    return {S.COL_EVENT_ID: event_id, S.COL_USER: 3, S.COL_ITEM: 4, S.COL_EVENT_TYPE: "CLICK", S.COL_VALUE: None,
+            S.COL_TS: at, S.COL_SESSION: None, S.COL_CONTEXT: None}
 
 
 def test_an_added_item_is_one_row_however_often_it_is_written(dataset: Settings) -> None:

@@ -91,7 +91,22 @@ def test_demo_trains_the_ranker_unless_no_ranker(flags: list[str], expected: boo
     monkeypatch.setattr(demo, "run_demo", lambda settings, **kwargs: calls.append(kwargs))
     result = CliRunner().invoke(app, ["demo", *flags])
     assert result.exit_code == 0, result.output
-    assert calls == [{"n_users": 10_000, "n_items": 5_000, "ranker": expected}]
+    assert calls == [{"n_users": 10_000, "n_items": 5_000, "ranker": expected, "experiment": True}]
+
+
+def test_the_demo_serves_its_experiment_unless_told_otherwise(tmp_path: Path) -> None:
+    from bentos.experiments import experiment_of
+    from recsys.cli.demo import DEMO_EXPERIMENT, serving_settings
+    from tests.support.settings import isolated_settings
+
+    settings = isolated_settings(tmp_path, experiment_file=None)
+    # by default the demo's own file, which declares the three arms the loop compares
+    declared = experiment_of(serving_settings(settings, experiment=True))
+    assert declared is not None and [a.mode for a in declared.arms] == ["ranker", "blend", "popularity"]
+    assert serving_settings(settings, experiment=True).experiment_file == DEMO_EXPERIMENT
+    assert serving_settings(settings, experiment=False).experiment_file is None  # --no-experiment
+    own = settings.with_overrides(experiment_file=tmp_path / "mine.yaml")  # the user's own wins
+    assert serving_settings(own, experiment=True).experiment_file == tmp_path / "mine.yaml"
 
 
 def test_timed_step_prints_and_records_its_seconds(capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,3 +144,19 @@ def test_ranker_summary_names_rows_device_configuration_run_and_tag(tmp_path: Pa
     defaults = ranker_summary(result(RankerConfig(), ExampleConfig()))
     assert "8 epochs, 5 cv folds" in defaults and defaults.endswith(
         "; `recsys train ranker`'s defaults; MLflow run abc123, BentoML model ranker:xyz")
+
+
+def test_the_demo_samples_a_median_user_of_a_ranker_arm(tmp_path: Path) -> None:
+    from bentos.experiments import experiment_of
+    from recsys.cli.demo import sample_user, serving_settings
+    from tests.support.settings import isolated_settings
+
+    plain = isolated_settings(tmp_path, experiment_file=None)
+    users = list(range(100, 200))  # most active first: the median is user 150
+    assert sample_user(plain, users) == 150
+    demo = serving_settings(plain, experiment=True)
+    chosen = sample_user(demo, users)
+    declared = experiment_of(demo)
+    assert declared is not None and declared.assign(chosen).mode == "ranker"
+    # the first from the median on that the ranker arm holds
+    assert all(declared.assign(u).mode != "ranker" for u in range(150, chosen))

@@ -51,12 +51,15 @@ def write_dataset(dataset: Path, events: Sequence[Mapping[str, Any]],
 
 
 def experiment_file(path: Path, arms: Sequence[tuple[str, float, str]], wanted: Mapping[int, str],
-                    name: str = "test-exp") -> Experiment:
-    """Write an experiment with ``arms`` ((name, share, mode)) whose salt (the first of ``salt-0``,
+                    name: str = "test-exp", models: Mapping[str, Mapping[str, str]] | None = None) -> Experiment:
+    """Write an experiment with ``arms`` ((name, share, mode)), the arms named in ``models``
+    pinning those models (``{"item_index": tag}``), whose salt (the first of ``salt-0``,
     ``salt-1``, ... that fits) puts each user of ``wanted`` in its arm; returns it."""
+    pins = dict(models or {})
+    declared = [{"name": a, "share": s, "mode": m, **({"models": dict(pins[a])} if a in pins else {})}
+                for a, s, m in arms]
     for n in range(100_000):
-        exp = Experiment.model_validate({"name": name, "salt": f"salt-{n}",
-                                         "arms": [{"name": a, "share": s, "mode": m} for a, s, m in arms]})
+        exp = Experiment.model_validate({"name": name, "salt": f"salt-{n}", "arms": declared})
         if all(exp.assign(u).name == arm for u, arm in wanted.items()):
             path.write_text(json.dumps(exp.model_dump(mode="json")))
             return exp

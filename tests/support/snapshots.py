@@ -25,6 +25,7 @@ def write_dataset(settings: Settings, events: list[tuple], created: dict[int, st
     frame[S.COL_TS] = pd.to_datetime(frame[S.COL_TS], utc=True).dt.as_unit("us")
     frame[S.COL_SESSION] = None
     frame[S.COL_CONTEXT] = None
+    frame[S.COL_REQUEST_ID] = frame[S.COL_POSITION] = None  # no attribution: not live events
     ids = sorted(created)
     items = pd.DataFrame({S.COL_ITEM: ids, "title": [f"t{i}" for i in ids], S.COL_CATEGORY: [i % 3 for i in ids],
                           "tags": [[f"g{i}"] for i in ids], "price": [float(i) for i in ids], "margin": 0.1,
