@@ -5,7 +5,8 @@ background thread (:class:`ImpressionLogger`).
 The contract on the request path: :meth:`ImpressionLogger.log` never waits and never raises. It
 puts a reference to the answer in the buffer (no encoding, no I/O, no lock held beyond the
 queue's own); a full buffer drops the impression and counts it
-(``recsys_impressions_dropped_total{reason="buffer_full"}``). The producer is made by the
+(``recsys_impressions_dropped_total{reason="buffer_full"}``), as does a full producer queue (Kafka
+away: see :func:`kafka_producer`). The producer is made by the
 background thread at start-up and again after a failure, never by a request; encoding and sending
 happen there too. A send Kafka refuses, or one not delivered within the producer's message timeout,
 is counted as ``kafka_error``. So a slow or dead Kafka costs answers nothing but their impressions.
@@ -41,11 +42,10 @@ _STOP = object()
 _RETRY_S = (1.0, 2.0, 5.0, 10.0)
 
 
-#: librdkafka's settings: acks from the leader, batches of up to 50 ms, a bounded local queue, and
-#: a message timeout after which an undelivered impression is dropped and counted
-PRODUCER_CONFIG: dict[str, Any] = {"acks": 1, "linger.ms": 50, "queue.buffering.max.messages": 100_000,
-                                   "message.timeout.ms": 30_000, "socket.timeout.ms": 5_000,
-                                   "client.id": "recsys-impressions"}
+#: librdkafka's settings: acks from the leader, batches of up to 50 ms, and a message timeout after
+#: which an undelivered impression is dropped and counted (its local queue: see kafka_producer)
+PRODUCER_CONFIG: dict[str, Any] = {"acks": 1, "linger.ms": 50, "message.timeout.ms": 30_000,
+                                   "socket.timeout.ms": 5_000, "client.id": "recsys-impressions"}
 #: the thread's longest wait for an answer before it serves the producer's delivery callbacks
 _POLL_S = 0.5
 
@@ -55,11 +55,15 @@ def _kafka_error(err: Any) -> None:
     log.warning("impressions: Kafka: %s", err)
 
 
-def kafka_producer(bootstrap: str) -> Any:
-    """The producer of impressions (see the module's docstring for why librdkafka)."""
+def kafka_producer(bootstrap: str, buffer: int = 10_000) -> Any:
+    """The producer of impressions (see the module's docstring for why librdkafka). Its local queue
+    holds at most ``buffer`` impressions not yet acknowledged (``RECSYS_IMPRESSIONS_BUFFER``, the
+    same bound as the logger's own buffer): with Kafka away, that many wait and the rest are
+    dropped as ``buffer_full``."""
     from confluent_kafka import Producer
 
-    return Producer({"bootstrap.servers": bootstrap, "error_cb": _kafka_error, **PRODUCER_CONFIG})
+    return Producer({"bootstrap.servers": bootstrap, "error_cb": _kafka_error,
+                     "queue.buffering.max.messages": buffer, **PRODUCER_CONFIG})
 
 
 def _delivered(err: Any, _msg: Any) -> None:
@@ -152,8 +156,8 @@ class ImpressionLogger:
                                         rec.cold_start, rec.cached, rec.degraded, arm)
         try:
             self._producer.produce(self.topic, key=key, value=value, on_delivery=_delivered)
-        except BufferError:  # librdkafka's local queue is full: Kafka has been away for a while
-            METRICS.impressions_dropped.labels(reason="kafka_error").inc()
+        except BufferError:  # librdkafka's queue is full: Kafka is away or slow, as when ours fills
+            METRICS.impressions_dropped.labels(reason="buffer_full").inc()
         except Exception as exc:  # noqa: BLE001 - any refusal drops this impression, never the thread
             METRICS.impressions_dropped.labels(reason="kafka_error").inc()
             log.warning("impressions: send failed (%s)", exc)
@@ -162,6 +166,6 @@ class ImpressionLogger:
 def impression_logger(settings: Settings) -> ImpressionLogger:
     """The service's logger from :class:`recsys.config.Settings`: the impressions topic, the buffer
     (``RECSYS_IMPRESSIONS_BUFFER``), on or off (``RECSYS_IMPRESSIONS``)."""
-    bootstrap = settings.effective_kafka_bootstrap
-    return ImpressionLogger(settings.impressions_topic, settings.impressions_buffer,
-                            lambda: kafka_producer(bootstrap), enabled=settings.impressions == "on")
+    bootstrap, buffer = settings.effective_kafka_bootstrap, settings.impressions_buffer
+    return ImpressionLogger(settings.impressions_topic, buffer,
+                            lambda: kafka_producer(bootstrap, buffer), enabled=settings.impressions == "on")

@@ -83,14 +83,18 @@ def test_logged_answers_reach_the_topic(stack_settings: Settings) -> None:
 
 
 def test_impressions_kafka_never_took_are_counted_as_dropped() -> None:
-    def dead_broker() -> Producer:  # nothing listens there; undelivered after 500 ms
+    def dead_broker() -> Producer:  # nothing listens there; undelivered after 500 ms; a queue of 2
         return Producer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "message.timeout.ms": 500,
-                         "error_cb": lambda _err: None})
+                         "queue.buffering.max.messages": 2, "error_cb": lambda _err: None})
+
+    def dropped(reason: str) -> float:
+        return REGISTRY.get_sample_value(DROPPED, {"reason": reason}) or 0.0
 
     logger = ImpressionLogger("t", 10, dead_broker)
-    before = REGISTRY.get_sample_value(DROPPED, {"reason": "kafka_error"}) or 0.0
-    for n in range(3):
+    before = {reason: dropped(reason) for reason in ("buffer_full", "kafka_error")}
+    for n in range(5):
         logger.log(_answer(n), f"r{n}")
-    logger.close(timeout_s=5.0)  # the flush serves the three failed delivery reports
-    # 3 answers logged, none delivered: 3 counted
-    assert (REGISTRY.get_sample_value(DROPPED, {"reason": "kafka_error"}) or 0.0) - before == 3
+    logger.close(timeout_s=5.0)  # the flush serves the failed delivery reports
+    # 5 answers logged: the producer's queue takes 2 (undelivered: kafka_error), 3 find it full
+    assert dropped("buffer_full") - before["buffer_full"] == 3
+    assert dropped("kafka_error") - before["kafka_error"] == 2

@@ -239,8 +239,8 @@ def test_kafka_and_redis_outages(feature_ws: Settings, bentoml_home: Path, tmp_p
             status, headers, body = srv.call("/events", {"user_id": 1, "item_id": 2, "event_type": "VIEW"},
                                              key=API_KEY)
             assert status == 503 and headers.get("retry-after") == "5" and body["status"] == "unavailable"
-            # impressions: the logger is stuck reaching Kafka, so its buffer keeps 4 and drops the
-            # rest (10 - 4 = 6), while every answer still comes
+            # impressions: the producer's queue keeps 4 waiting for Kafka (RECSYS_IMPRESSIONS_BUFFER)
+            # and the rest are dropped (10 - 4 = 6), while every answer still comes
             for _ in range(10):
                 status, _, body = srv.call("/recommend", {"user_id": 1})
                 assert status == 200 and len(body["request_id"]) == 32
