@@ -2,8 +2,9 @@
 with no champion the challenger is promoted (the pointer, the MLflow aliases, the comparison logged
 to the run, the factors published to the feature tables); an unpromoted challenger is never served;
 the gate judges the whole set, so a challenger whose ranker ranks worse is refused on the two-stage
-lists even though its ALS alone would pass, and the refusal is recorded on the run (real Spark,
-Feast, TensorFlow and MLflow)."""
+lists even though its ALS alone would pass, and the refusal is recorded on the run; a ranker the
+retrain trained itself is scored as a refit on the window's train side (real Spark, Feast,
+TensorFlow and MLflow)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -25,13 +26,21 @@ from models.champion import CHAMPION_ALIAS, CHALLENGER_ALIAS, ModelSet, read_cha
 from models.gate import GateDecision, decide
 from models.gate_scoring import champion_set, gate, stored_ranker
 from models.names import ALS_MODEL_NAME, BENTO_INDEX_MODEL, BENTO_RANKER_MODEL, INDEX_MODEL_NAME
+from models.ranker.config import RankerConfig
+from models.ranker.examples import ExampleConfig
+from models.retrieval import CandidateConfig
 from pipelines.cleaning import CleaningConfig
 from recsys.config import Settings
+from tests.support.feature_workspace import END as WORKSPACE_END
+from tests.support.feature_workspace import N_USERS as WORKSPACE_USERS
 from tests.support.hung_ranker import als_ranker, reversed_ranker
 from tests.support.models import train_tiny_ranker
 from tests.support.ranked_retrain import gate_als_fit, store_set, with_feature_store
 from tests.support.retrain import END, small_dataset
 from tests.support.settings import REPO
+
+if TYPE_CHECKING:
+    from models.ranker.precision import Variant
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +194,69 @@ def test_a_refusal_is_recorded_with_every_rows_metrics(refused: Refused) -> None
         for side in ("challenger", "champion"):
             assert data.metrics[f"gate/{row}/{side}/ndcg_at_10"] == rows[row][side]["ndcg@10"], (row, side)
     assert [a.path for a in client.list_artifacts(run_id, "gate")] == [f"gate/gate-{run_id}.json"]
+
+
+# ---- a ranker trained by the retrain is scored as a refit on the window's train side --------------
+
+#: the tiniest ranker configuration that trains on the shared feature workspace: a few label users,
+#: short candidate lists, one epoch, one fold (no cross-validation)
+TINY_REFIT = {"config": RankerConfig(hidden=(8,), epochs=1, batch_size=64, cv_folds=1),
+              "examples": ExampleConfig(candidates=CandidateConfig(n_als=10, n_similar=2), n_hard=10, n_random=3,
+                                        max_users=20)}
+
+
+def test_a_retrained_ranker_is_scored_as_a_refit_in_a_temporary_folder(
+        feature_ws: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gate(..., refit=...)``: the challenger's two-stage row scores a refit of the retrained
+    ranker's configuration (the ranker itself saw the window's test events as labels), exported to a
+    temporary folder removed when the gate returns; with no champion the challenger is promoted.
+    The shared workspace is only read (its features, its events up to its last day)."""
+    from models import gate_scoring
+    from models.ranker.export import META_FILE, SAVED_MODEL_DIR
+
+    refit = gate_scoring.refit_ranker
+    exports: list[tuple[Path, dict[str, Any] | None]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Path:
+        # a pass-through: the real refit runs; only its folder (and its metadata, while the folder
+        # exists) is recorded, to check that the gate removes it
+        folder = refit(*args, **kwargs)
+        found = (folder / SAVED_MODEL_DIR / "saved_model.pb").is_file()
+        exports.append((folder, json.loads((folder / META_FILE).read_text()) if found else None))
+        return folder
+
+    monkeypatch.setattr(gate_scoring, "refit_ranker", spy)
+    settings = feature_ws.with_overrides(as_of=WORKSPACE_END)
+    # the retrained ranker itself is never read when refit is given: a folder that does not exist
+    retrained: tuple[Path | None, Variant, str] = (tmp_path / "never-read", "full",
+                                                   "trained by this retrain (ranker:test)")
+    decision, comparison = gate(settings, ALS, CleaningConfig(), None, ranker=retrained, refit=TINY_REFIT)
+
+    assert comparison["rankers"] == {
+        "challenger": "an evaluation fit of the retrained ranker's configuration on the window's train side "
+                      "(trained by this retrain (ranker:test))",
+        "champion": None}
+    # one refit, exported under the gate's temporary folder, gone once the gate returned
+    assert len(exports) == 1, exports
+    folder, meta = exports[0]
+    assert meta is not None, f"{folder} held no saved model when the refit returned"
+    assert meta["purpose"] == "gate evaluation fit (window split's train side)"
+    assert meta["config"]["epochs"] == 1 and meta["config"]["cv_folds"] == 1  # TINY_REFIT's, as the retrain's
+    assert folder.name == "ranker" and folder.parent.name.startswith("recsys-gate-"), folder
+    assert not folder.parent.exists(), folder.parent
+    # the two-stage row exists, scored on the same users as the ALS row: every window user with a
+    # test positive (all 30 workspace users have events in its 3 days, inside the 7-day window;
+    # fewer than gate_max_users 1000: no sample drawn)
+    rows = comparison["rows"]
+    scored = comparison["window"]["scored_users"]
+    assert comparison["window"]["active_users"] == WORKSPACE_USERS  # 30
+    assert 0 < scored <= WORKSPACE_USERS and comparison["sample"]["users"] == scored
+    assert rows["two_stage"]["challenger"] is not None
+    assert rows["two_stage"]["challenger"]["users"] == rows["als"]["challenger"]["users"] == scored
+    assert 0.0 <= rows["two_stage"]["challenger"]["ndcg@10"] <= 1.0
+    assert rows["als"]["champion"] is None and rows["two_stage"]["champion"] is None
+    # what the challenger would serve decides: its two-stage lists; no champion, so it is promoted
+    assert comparison["decided_by"] == {"challenger": "two_stage", "champion": None}
+    assert comparison["challenger"] == rows["two_stage"]["challenger"] and comparison["champion"] is None
+    assert decision.promote and decision.reason == "promoted: no champion yet"
+    assert decision.champion is None and decision.challenger == rows["two_stage"]["challenger"]["ndcg@10"]
