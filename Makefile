@@ -9,7 +9,9 @@ PYTEST_ARGS ?=
 # Two pytest workers, each taking whole modules (module fixtures such as a served model start
 # once): much of the suite waits on real servers, Kafka and subprocesses, so two workers on two
 # cores overlap those waits. Each worker starts its own isolated stack. XDIST= runs serially.
-XDIST ?= -n 2 --dist loadfile
+# Modules are handed out in collection order, where tests/conftest.py puts the longest first
+# (xdist's default reorder sorts by the number of tests, which put the long ML-100K module last).
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install demo test test-slow down up status bench clean help
 
