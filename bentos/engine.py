@@ -102,7 +102,8 @@ class RecommendationEngine:
         looked the cache up and missed (the service does that on its event loop), so skip the read.
         Concurrent misses with equal arguments share one computation and its answer object. A user
         whose arm pins other models is answered by that arm's engine (bentos.arm_engines)."""
-        routed = self.arms.engine(self.arms.arm(user_id))
+        arm = self.arms.arm(user_id)
+        routed = self.arms.engine(arm)
         if routed is not None and routed is not self:
             return routed.recommend(user_id, k, context, use_cache, cache_checked)
         context = dict(context or {})
@@ -112,7 +113,6 @@ class RecommendationEngine:
                 return hit
         METRICS.cache.labels(result="miss").inc()
         key = (user_id, k, use_cache, repr(sorted(context.items())))
-        arm = self.arms.arm(user_id)
         rec, shared = self.flights.run(key, lambda: self._compute(user_id, k, context, use_cache, arm))
         if shared:
             METRICS.coalesced.inc()
