@@ -38,6 +38,12 @@ class ServingConfig:
     ranker_workers: int = 2
     ranker_queue: int = 8
     redis_retry_s: float = 1.0
+    #: the candidates' online rows are kept this long in the worker (bentos.item_cache; 0: off),
+    #: at most this many items
+    item_feature_ttl_s: float = 5.0
+    item_feature_cache_items: int = 200_000
+    #: the trending lists (overall, per category) are kept this long in the worker (0: off)
+    trending_cache_ttl_s: float = 1.0
     blend_weights: Mapping[str, float] = field(
         default_factory=lambda: {"als": 1.0, "similar": 0.8, "content": 0.5, "trending": 0.6})
 
@@ -52,7 +58,11 @@ class ServingConfig:
         if not self.ranker_timeout_headroom >= 1.0:
             raise ValueError(f"ranker_timeout_headroom={self.ranker_timeout_headroom} must be >= 1 "
                              "(a budget under the measured p99 times out on purpose)")
-        for name in ("ranker_warmup_calls", "ranker_workers", "cache_size", "n_candidates", "new_item_slot"):
+        for name in ("item_feature_ttl_s", "trending_cache_ttl_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: no near cache)")
+        for name in ("ranker_warmup_calls", "ranker_workers", "cache_size", "n_candidates", "new_item_slot",
+                     "item_feature_cache_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.ranker_queue < 0:

@@ -49,6 +49,7 @@ from bentos.catalog import ItemCatalog
 from bentos.config import ServingConfig
 from bentos.experiments import Arm, ArmPolicy, Experiment
 from bentos.features import OnlineFeatures, UserFeatures
+from bentos.item_cache import ItemFeatureCache
 from bentos.metrics import METRICS, stage
 from bentos.scoring import Scorer, Scoring
 from bentos.single_flight import SingleFlight
@@ -89,7 +90,8 @@ class RecommendationEngine:
         self.index_lock = threading.Lock()
         self.cache = RecommendationCache(client, self.breaker, self._pool, cfg.cache_ttl_s, self.model_versions,
                                          self.arms)
-        self.features = OnlineFeatures(read_features, client, self.breaker)
+        self.features = OnlineFeatures(read_features, client, self.breaker,
+                                       ItemFeatureCache(cfg.item_feature_ttl_s, cfg.item_feature_cache_items))
         self.cold_start = ColdStart(catalog, cfg.cache_size, cfg.exploration_every, self.now)
         self.candidates = Candidates(catalog, client, self.breaker, self._pool, index, self.index_lock, cfg, self.now)
         self.scoring = Scoring(scorer, index, self.index_lock, cfg)
@@ -139,7 +141,9 @@ class RecommendationEngine:
             return self._popularity_arm(user_id, k, reasons, arm, use_cache)
         onboarding = [int(c) for c in context.get("categories") or []]
         purchased_read = self._pool.submit(_with_reasons, self.features.purchased, user_id)
-        trending_read = self._pool.submit(_with_reasons, self.candidates.overall_trending)
+        cached_trending = self.candidates.cached_overall_trending()
+        trending_read = (_done((cached_trending, [])) if cached_trending is not None
+                         else self._pool.submit(_with_reasons, self.candidates.overall_trending))
         with stage("features"):
             user = self.features.user(user_id, reasons)
             if user is None:  # Redis is down: popular items from memory
@@ -222,6 +226,13 @@ def _with_reasons(read: Callable[..., Any], *args: Any) -> tuple[Any, list[str]]
     :func:`_collect`, so a read that finishes after the answer was built cannot change it."""
     reasons: list[str] = []
     return read(*args, reasons), reasons
+
+
+def _done(value: Any) -> Future[Any]:
+    """A future that already holds ``value`` (a read the near cache answered)."""
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
 
 
 def _collect(future: Future[tuple[Any, list[str]]], reasons: list[str]) -> Any:

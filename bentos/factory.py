@@ -156,7 +156,8 @@ def serving_config(settings: Settings, **overrides: Any) -> ServingConfig:
     """The serving configuration of ``settings`` (cache TTL, the ranker's budget), with overrides."""
     base = ServingConfig(cache_ttl_s=settings.recs_cache_ttl_seconds, ranker_timeout_ms=settings.ranker_timeout_ms,
                          ranker_timeout_headroom=settings.ranker_timeout_headroom,
-                         ranker_warmup_timeout_s=settings.ranker_warmup_timeout_s)
+                         ranker_warmup_timeout_s=settings.ranker_warmup_timeout_s,
+                         item_feature_ttl_s=settings.item_feature_ttl_s, trending_cache_ttl_s=settings.trending_cache_ttl_s)
     return replace(base, **overrides) if overrides else base
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import redis
 
 from bentos.breaker import RedisBreaker
+from bentos.item_cache import ItemFeatureCache
 from recsys.schema import purchased_key  # one definition: the stream writes the set
 
 __all__ = ["ITEM_FEATURES", "USER_FEATURES", "OnlineFeatures", "UserFeatures", "purchased_key"]
@@ -71,10 +72,11 @@ class OnlineFeatures:
     with the reason appended (the answer is then flagged degraded)."""
 
     def __init__(self, read_features: Callable[[int | None, Sequence[int]], Any], client: redis.Redis,
-                 breaker: RedisBreaker) -> None:
+                 breaker: RedisBreaker, item_cache: ItemFeatureCache | None = None) -> None:
         self.read_features = read_features
         self.client = client
         self.breaker = breaker
+        self.item_cache = item_cache if item_cache is not None else ItemFeatureCache(0.0, 1)  # default: none
 
     def user(self, user_id: int, reasons: list[str]) -> UserFeatures | None:
         """The user's row in one pipelined read; an unknown user has an empty row (cold start)."""
@@ -86,6 +88,10 @@ class OnlineFeatures:
         return {int(m) for m in members} if ok and members else set()
 
     def items(self, item_ids: Sequence[int], reasons: list[str]) -> dict[str, list[Any]] | None:
-        """The candidates' rows, one list per feature aligned with ``item_ids``."""
-        ok, row = self.breaker.call(lambda: self.read_features(None, item_ids), reasons, "item features")
-        return row.items if ok else None
+        """The candidates' rows, one list per feature aligned with ``item_ids``: from the near
+        cache where fresh, the rest in one read (bentos.item_cache)."""
+        def fetch(ids: list[int]) -> dict[str, list[Any]] | None:
+            ok, row = self.breaker.call(lambda: self.read_features(None, ids), reasons, "item features")
+            return row.items if ok else None
+
+        return self.item_cache.read(item_ids, fetch)

@@ -106,7 +106,7 @@ class Scoring:
 
         if self.index is None or not len(ids):
             return {}
-        recent = recent_matrix([user.get("last_5_items")] * len(ids))
+        recent = recent_matrix([user.get("last_5_items")])  # one row: the same list for every candidate
         candidates, _ = self._index_vectors(ids)
         values = recent_similarity(candidates, recent, self._index_vectors)
         return {name: values[:, col].tolist() for col, (name, _) in enumerate(RECENT)}

@@ -269,6 +269,9 @@ def _reloader(service: Recommender) -> Any:
 
     reloader = ModelReloader(lambda: service.engines, served_models, build, swap,
                              service.settings.model_reload_poll_s)
+    # the first check now, before the worker is ready: it imports the model store's client
+    # (mlflow), a second of the GIL that would otherwise fall on the requests of the first poll
+    reloader.check_once()
     reloader.start()
     return reloader
 

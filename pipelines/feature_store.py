@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -197,7 +199,16 @@ def materialize_incremental(settings: Settings, end: datetime, views: list[str] 
 
 #: Entity rows per point-in-time join. Each chunk is one Feast query whose result Spark writes to
 #: parquet, so the Spark driver never holds more than a chunk's join, whatever the frame's size.
-TRAINING_FRAME_CHUNK_ROWS = 100_000
+#: Every chunk also pays a fixed cost (Feast's query is some hundred Spark stages, whatever the
+#: rows), so the chunk is as large as a local driver joins comfortably: the ranker's default
+#: examples (``ExampleConfig.max_users`` label users x ~100 rows) fit in one.
+TRAINING_FRAME_CHUNK_ROWS = 250_000
+#: Spark SQL settings for the point-in-time join only (restored after it). Feast's query groups the
+#: entity rows per view, then broadcast-joins each view's rows onto them, which multiplies every
+#: entity row by the entity's rows in the view (an item's daily snapshots). Adaptive execution sizes
+#: partitions by the grouped rows' few megabytes and coalesces them into one, so those multiplied
+#: joins ran as a single task on one core; without coalescing they keep spark.sql.shuffle.partitions.
+TRAINING_FRAME_SPARK_SQL: dict[str, str] = {"spark.sql.adaptive.coalescePartitions.enabled": "false"}
 #: Entity rows a pandas training frame may have: the whole frame is held in this process's memory.
 TRAINING_FRAME_MAX_ROWS = 5_000_000
 
@@ -225,7 +236,8 @@ def get_training_frame(
     most ``chunk_rows`` rows, in label-time order, each written to parquet by Spark and read back
     with pyarrow; a frame over ``max_rows`` rows raises :class:`FeatureStoreError` before any work.
     ``output="spark"`` is one lazy query over all the rows (its entity parquet is removed when
-    this process exits).
+    this process exits). The pandas joins run with :data:`TRAINING_FRAME_SPARK_SQL` set on the
+    session (restored after), which changes how Spark parallelises them, never a value.
     """
     from recsys.config import load_settings
 
@@ -253,16 +265,37 @@ def get_training_frame(
     try:
         started = time.perf_counter()
         parts = []
-        for number, chunk in enumerate(chunks):
-            result = scratch / "frame" / chunk.name
-            job = store.get_historical_features(entity_df=_entity_spark_df(settings, [chunk]), features=service)
-            job.to_spark_df().write.mode("overwrite").parquet(str(result))
-            parts.append(pq.read_table(result))
-            log.info("training frame: chunk %d/%d joined (%.1fs so far)", number + 1, len(chunks),
-                     time.perf_counter() - started)
+        with _session_sql_conf(settings, TRAINING_FRAME_SPARK_SQL):
+            for number, chunk in enumerate(chunks):
+                result = scratch / "frame" / chunk.name
+                job = store.get_historical_features(entity_df=_entity_spark_df(settings, [chunk]), features=service)
+                job.to_spark_df().write.mode("overwrite").parquet(str(result))
+                parts.append(pq.read_table(result))
+                log.info("training frame: chunk %d/%d joined, %d entity rows (%.1fs so far)", number + 1, len(chunks),
+                         parts[-1].num_rows, time.perf_counter() - started)
         return _frame_from_arrow(pa.concat_tables(parts, promote_options="permissive"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def _session_sql_conf(settings: Settings, conf: dict[str, str]) -> Iterator[None]:
+    """Set Spark SQL ``conf`` on the process's session (the one Feast's offline store uses) for the
+    block's duration, then restore each key's previous value, so other Spark jobs keep theirs."""
+    from recsys.spark import get_spark
+
+    spark = get_spark(settings)
+    previous = {key: spark.conf.get(key, None) for key in conf}
+    for key, value in conf.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
 
 
 def _write_entity_chunks(frame: pd.DataFrame, folder: Path, chunk_rows: int) -> list[Path]:

@@ -165,6 +165,11 @@ class Settings(BaseSettings):
     recs_cache_ttl_seconds: int = Field(600, ge=1)
     #: The ranker's time budget per call; None = measured at start-up (scoring p99 x headroom).
     ranker_timeout_ms: float | None = Field(None, gt=0)
+    #: How long the service keeps a candidate's decoded online row (bentos.item_cache): a
+    #: materialization reaches answers within this many seconds; 0 reads Redis on every request.
+    item_feature_ttl_s: float = Field(5.0, ge=0)
+    #: How long the service keeps a trending list (overall, per category) it read from Redis.
+    trending_cache_ttl_s: float = Field(1.0, ge=0)
     ranker_timeout_headroom: float = Field(3.0, ge=1.0)
     #: The longest the service's start-up waits for the ranker's warm-up calls (a model whose
     #: first call hangs then serves with the cosine fallback instead of keeping the service down).

@@ -7,6 +7,7 @@ slot and the neighbours of one item (/similar_items)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import datetime
@@ -42,6 +43,11 @@ class Candidates:
         self.index_lock = index_lock  # FAISS may not be searched while an item is being added
         self.config = config
         self.now = now
+        # the near cache of trending lists, key -> (expires, n read, top items): every miss reads
+        # the overall list and its categories', the same few lists for everyone, which the stream
+        # moves by the second; ``trending_cache_ttl_s`` of staleness saves a read and a thread each
+        self._lists: dict[str, tuple[float, int, list[int]]] = {}
+        self._lists_lock = threading.Lock()
 
     @property
     def overall_trending_n(self) -> int:
@@ -51,8 +57,12 @@ class Candidates:
 
     def overall_trending(self, reasons: list[str]) -> list[int]:
         """The overall trending list, best first: it needs no user features, so the engine reads
-        it while they are read."""
+        it while they are read (unless :meth:`cached_overall_trending` has it)."""
         return self._trending([GLOBAL_KEY], self.overall_trending_n, reasons)
+
+    def cached_overall_trending(self) -> list[int] | None:
+        """The overall trending list from the near cache, None when it is not fresh there."""
+        return self._cached_trending([GLOBAL_KEY], self.overall_trending_n)
 
     def generate(self, user: UserFeatures, seen: set[int], reasons: list[str],
                  overall_trending: Sequence[int] = ()) -> CandidateSet:
@@ -62,11 +72,12 @@ class Candidates:
         item fetched (the rules boost them)."""
         cfg = self.config
         faiss = self.pool.submit(self._faiss, user.vector, user.recent, seen)
-        by_category = (self.pool.submit(self._trending, [category_key(c) for c in user.categories[:5]],
-                                        cfg.n_trending + len(seen), reasons) if user.categories else None)
+        keys, n = [category_key(c) for c in user.categories[:5]], cfg.n_trending + len(seen)
+        by_category = self._cached_trending(keys, n) if keys else []
+        read = self.pool.submit(self._trending, keys, n, reasons) if by_category is None else None
         content = self._content(user.recent, seen, cfg.n_content)
         als, similar = faiss.result()
-        fetched = [*(by_category.result() if by_category is not None else []), *overall_trending]
+        fetched = [*(read.result() if read is not None else by_category or []), *overall_trending]
         trending = list(dict.fromkeys(fetched))  # the categories' items first, each item once
         out = CandidateSet()
         out.add(*als, "als", seen, cfg.n_als)
@@ -110,18 +121,55 @@ class Candidates:
         return ids, rank_scores(len(ids))
 
     def _trending(self, keys: list[str], n: int, reasons: list[str]) -> list[int]:
-        """The top ``n`` of each trending list in ``keys``, merged in turns, in one pipelined read."""
+        """The top ``n`` of each trending list in ``keys``, merged in turns: the lists fresh in the
+        near cache, the others in one pipelined read (Redis down: those are left out)."""
+        now = time.monotonic()
+        lists = self._fresh_lists(keys, n, now)
+        missing = [key for key in keys if key not in lists]
 
         def fetch() -> list[list[bytes]]:
             pipe = self.client.pipeline(transaction=False)
-            for key in keys:
+            for key in missing:
                 pipe.zrevrange(key, 0, n - 1)
             return pipe.execute()
 
-        ok, lists = self.breaker.call(fetch, reasons, "trending")
-        if not ok:
-            return []
-        return take_turns([[int(m) for m in lst] for lst in lists], n, set())
+        if missing:
+            ok, fetched = self.breaker.call(fetch, reasons, "trending")
+            if ok:
+                read = {key: [int(m) for m in lst] for key, lst in zip(missing, fetched)}
+                lists.update(read)
+                self._remember(read, n, now)
+        return take_turns([lists[key] for key in keys if key in lists], n, set())
+
+    def _cached_trending(self, keys: list[str], n: int) -> list[int] | None:
+        """``_trending(keys, n)`` when every list is fresh in the near cache, else None."""
+        lists = self._fresh_lists(keys, n, time.monotonic())
+        if len(lists) < len(set(keys)):
+            return None
+        return take_turns([lists[key] for key in keys], n, set())
+
+    def _fresh_lists(self, keys: list[str], n: int, now: float) -> dict[str, list[int]]:
+        """The top ``n`` of each list in ``keys`` that the near cache holds fresh: read with at
+        least ``n`` items, or whole (it had fewer than were asked for)."""
+        out: dict[str, list[int]] = {}
+        with self._lists_lock:
+            for key in keys:
+                entry = self._lists.get(key)
+                if entry is not None and entry[0] > now and (entry[1] >= n or len(entry[2]) < entry[1]):
+                    out[key] = entry[2][:n]
+        return out
+
+    def _remember(self, lists: dict[str, list[int]], n: int, now: float) -> None:
+        ttl = self.config.trending_cache_ttl_s
+        if ttl <= 0:
+            return
+        with self._lists_lock:
+            if len(self._lists) > 10_000:  # one key per category and the overall list; be sure anyway
+                self._lists.clear()
+            for key, items in lists.items():
+                entry = self._lists.get(key)
+                if entry is None or entry[0] <= now or n >= entry[1]:  # never replace a longer fresh read
+                    self._lists[key] = (now + ttl, n, items)
 
     def new_item(self, user_id: int, exclude: set[int], prefs: Sequence[int]) -> int | None:
         """The newest unseen new item (preferred categories first) for a ``new_item_share`` of

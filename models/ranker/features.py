@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,12 @@ def _floats(values: Sequence[Any] | np.ndarray | None, n: int) -> np.ndarray:
     """Numbers as float64 with NaN for None/NaN/NaT (a missing column is all NaN)."""
     if values is None:
         return np.full(n, np.nan)
+    try:  # the common case (numbers and None) in C: pandas' coercion below costs 0.1 ms a column
+        out = np.array(values, dtype=np.float64)
+        if out.shape == (len(out),):
+            return out
+    except (TypeError, ValueError):  # text, pd.NA, NaT: pandas coerces them (NaN when not numbers)
+        pass
     return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(dtype=np.float64)
 
 
@@ -80,16 +87,33 @@ def _transform(x: np.ndarray, kind: str) -> np.ndarray:
     return np.log1p(np.maximum(x, 0.0)) if kind == "log1p" else x
 
 
+def _id_set(value: Any, sets: dict[int, set[int]]) -> set[int]:
+    """``value``'s ids as a set, built once per list object (keyed by ``id``: the caller keeps
+    every list alive while ``sets`` lives)."""
+    key = id(value)
+    if key not in sets:
+        sets[key] = {int(x) for x in value}
+    return sets[key]
+
+
 def _is_list(value: Any) -> bool:
     return isinstance(value, (list, tuple, np.ndarray))
 
 
 def _context(timestamps: Sequence[Any] | pd.Series) -> np.ndarray:
-    """(n, 4): hour of day and day of week as sin/cos; missing times give zeros."""
-    series = timestamps if isinstance(timestamps, pd.Series) else pd.Series(list(timestamps))
-    ts = pd.to_datetime(series.reset_index(drop=True), utc=True, errors="coerce")
-    hour = (ts.dt.hour + ts.dt.minute / 60.0).to_numpy(dtype=np.float64)
-    day = ts.dt.dayofweek.to_numpy(dtype=np.float64)
+    """(n, 4): hour of day and day of week as sin/cos (in UTC; a naive time is read as UTC);
+    missing times give zeros."""
+    if not isinstance(timestamps, pd.Series) and all(isinstance(t, datetime) for t in timestamps):
+        # the service's one request time: plain Python, pandas' parsing costs ~1 ms per call
+        utc = [t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+               for t in timestamps]
+        hour = np.array([t.hour + t.minute / 60.0 for t in utc], dtype=np.float64)
+        day = np.array([t.weekday() for t in utc], dtype=np.float64)
+    else:
+        series = timestamps if isinstance(timestamps, pd.Series) else pd.Series(list(timestamps))
+        ts = pd.to_datetime(series.reset_index(drop=True), utc=True, errors="coerce")
+        hour = (ts.dt.hour + ts.dt.minute / 60.0).to_numpy(dtype=np.float64)
+        day = ts.dt.dayofweek.to_numpy(dtype=np.float64)
     out = np.stack([np.sin(2 * math.pi * hour / 24), np.cos(2 * math.pi * hour / 24),
                     np.sin(2 * math.pi * day / 7), np.cos(2 * math.pi * day / 7)], axis=1)
     return np.nan_to_num(out)
@@ -99,18 +123,25 @@ def recent_similarity(item_vectors: np.ndarray, recent_ids: np.ndarray, lookup: 
                       chunk: int = 100_000) -> np.ndarray:
     """(n, 2) float64 :data:`RECENT` values: row i's best and mean cosine between
     ``item_vectors[i]`` (zeros = no vector) and the vectors of ``recent_ids[i]`` (its user's recent
-    items, -1 = padding); NaN where either side has no vector. ``lookup(ids) -> (vectors, known)``
-    gives the recent items' vectors (``Factors.item_vectors``). Chunked: memory stays bounded."""
+    items, -1 = padding); NaN where either side has no vector. ``recent_ids`` of one row with
+    n > 1 is one list for every row (the service: one user's candidates), looked up once.
+    ``lookup(ids) -> (vectors, known)`` gives the recent items' vectors
+    (``Factors.item_vectors``). Chunked: memory stays bounded."""
+    recent_ids = np.asarray(recent_ids, dtype=np.int64)
+    shared = len(recent_ids) == 1 and len(item_vectors) > 1
     out = np.full((len(item_vectors), 2), np.nan)
     for start in range(0, len(item_vectors), chunk):
         items = np.asarray(item_vectors[start:start + chunk], dtype=np.float32)
-        ids = np.asarray(recent_ids[start:start + chunk], dtype=np.int64)
+        ids = recent_ids if shared else recent_ids[start:start + chunk]
         vectors, known = lookup(ids.reshape(-1))
         vectors = np.where(known[:, None] & (ids.reshape(-1)[:, None] >= 0), vectors, 0.0).reshape(*ids.shape, -1)
         recent = vectors / (np.linalg.norm(vectors, axis=-1, keepdims=True) + 1e-6)
+        valid = np.linalg.norm(vectors, axis=-1) > 0
+        if shared:  # the same arithmetic per row as below, on views of the one list
+            recent = np.broadcast_to(recent, (len(items), *recent.shape[1:]))
+            valid = np.broadcast_to(valid, (len(items), valid.shape[1]))
         item_norm = np.linalg.norm(items, axis=1)
         cosine = np.einsum("nmr,nr->nm", recent, items / (item_norm[:, None] + 1e-6))
-        valid = np.linalg.norm(vectors, axis=-1) > 0
         with np.errstate(invalid="ignore"):
             best = np.where(valid, cosine, -np.inf).max(axis=1)
             mean = np.where(valid, cosine, 0.0).sum(axis=1) / valid.sum(axis=1)
@@ -218,10 +249,11 @@ class FeatureEncoder:
         (row i against ``user_lists[name][i]``) and their masks, has-ALS-vector."""
         category = _floats(cols.get(S.COL_CATEGORY), n)
         matches, masks = [], []
+        sets: dict[int, set[int]] = {}  # one set per list object: serving repeats the user's list n times
         for name in USER_LISTS:
             lists = user_lists.get(name) or [None] * n
             known = np.array([_is_list(v) and len(v) > 0 for v in lists]) & np.isfinite(category)
-            hit = np.array([bool(k) and int(c) in {int(x) for x in v} for k, c, v in zip(known, category, lists)])
+            hit = np.array([bool(k) and int(c) in _id_set(v, sets) for k, c, v in zip(known, category, lists)])
             matches.append(hit.astype(np.float64))
             masks.append((~known).astype(np.float64))
         has_vector = np.array([_is_list(v) and len(v) == self.rank for v in column_of(cols, ITEM_EMBEDDING, n)])
@@ -239,8 +271,16 @@ class FeatureEncoder:
 
     def embeddings(self, values: Sequence[Any], n: int) -> np.ndarray:
         """(n, rank) float32; a missing vector (or one of the wrong size) is all zeros."""
-        out = np.zeros((n, self.rank), dtype=np.float32)
+        if isinstance(values, np.ndarray) and values.shape == (n, self.rank):
+            return values.astype(np.float32, copy=False)
         values = list(values)
+        try:  # every row a vector (the usual candidate list): one conversion in C
+            dense = np.array(values, dtype=np.float32)
+            if dense.shape == (n, self.rank):
+                return dense
+        except (TypeError, ValueError):  # a missing (None) or ragged row: row by row below
+            pass
+        out = np.zeros((n, self.rank), dtype=np.float32)
         rows = [row for row, value in enumerate(values) if _is_list(value) and len(value) == self.rank]
         if rows:  # one C-level stack, not a row-by-row copy
             out[rows] = np.stack([np.asarray(values[row], dtype=np.float32) for row in rows])

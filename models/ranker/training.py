@@ -68,6 +68,22 @@ class LabelWindow:
     factors: Factors
     users: int
     available: int  # label users with a positive, before the ``max_users`` sample
+    #: seconds per stage: split (and its collects), clean, als (with item statistics and the
+    #: index), candidates (with the example sampling), frame (the Feast join and its columns)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Stages:
+    """Wall-clock seconds per named stage, each stage ending where the next one starts."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 2)
+        self._last = now
 
 
 def label_window(events: DataFrame, items: DataFrame, catalogue: np.ndarray, feature_settings: Settings,
@@ -77,27 +93,35 @@ def label_window(events: DataFrame, items: DataFrame, catalogue: np.ndarray, fea
     item statistics and the index on the fit part, sample the window's examples and join their
     point-in-time features. Returns the window and the fit part (persisted: the next, earlier
     window is carved from it; the caller unpersists it)."""
+    stages = _Stages()
     fit, labels = temporal_split(events)
     fit, labels = fit.persist(), labels.persist()
     fit_rows = fit.select(S.COL_USER, S.COL_ITEM, S.COL_TS).toPandas()
     positives = positives_of(fit, labels).toPandas()
     label_time = first_times(labels)
     fit_end = pd.to_datetime(fit_rows[S.COL_TS], utc=True).max().to_pydatetime()
+    stages.done("split")
     cleaned = clean_events(fit, fit_end, cleaning, catalogue=items)
+    stages.done("clean")
     factors = fit_als(cleaned.interactions, als, cleaned.reference_time)
     stats = item_stats(fit)
     cleaned.interactions.unpersist()
     cleaned.events.unpersist()
     labels.unpersist()
     index = RetrievalIndex.build(factors)
+    stages.done("als")
     recent, seen = history(fit_rows, ex.candidates.max_recent)
     available = int(positives[S.COL_USER].nunique())
     users, positives = sample_label_users(positives, ex.max_users, ex.seed + window)
     candidates = generate_candidates_batch(index, factors, users, recent, seen, ex.candidates, progress=progress)
     entity = sample_examples(candidates, positives, seen, label_time, catalogue, ex)
+    stages.done("candidates")
     frame = feature_frame(entity, feature_settings, factors, ex.feature_service, stats)
     frame[COL_LIST] = frame[S.COL_USER].to_numpy(np.int64) * MAX_WINDOWS + window  # one list per user and window
-    return LabelWindow(frame, factors, len(users), available), fit
+    stages.done("frame")
+    log.info("label window %d: %d of %d label users, %d rows (%d positive), %d fit events; seconds %s", window,
+             len(users), available, len(frame), int((frame[COL_LABEL] > 0).sum()), len(fit_rows), stages.seconds)
+    return LabelWindow(frame, factors, len(users), available, stages.seconds), fit
 
 
 def train_ranker_on(events: DataFrame, items: DataFrame, catalogue: np.ndarray, feature_settings: Settings,
@@ -123,6 +147,8 @@ def train_ranker_on(events: DataFrame, items: DataFrame, catalogue: np.ndarray, 
         previous.unpersist()
     frame = pd.concat([w.frame for w in windows], ignore_index=True)
     seconds = {"ranker_examples_s": round(time.perf_counter() - started, 2)}
+    for stage in windows[0].seconds:  # summed over the windows: ranker_split_s, ..., ranker_frame_s
+        seconds[f"ranker_{stage}_s"] = round(sum(w.seconds.get(stage, 0.0) for w in windows), 2)
     started = time.perf_counter()
     result = fit_ranker_cv(frame, frame[COL_LABEL].to_numpy(), windows[0].factors.rank, config, progress=progress)
     seconds["ranker_fit_s"] = round(time.perf_counter() - started, 2)

@@ -23,7 +23,9 @@ from recsys.config import Settings
 from tests.support.serving import GateScorer, SleepScorer, build_index, personalised_users, wait_until
 
 # small strategy quotas, so that on a 40-item catalogue every strategy contributes
-SMALL: dict[str, Any] = dict(n_als=5, n_similar=3, n_content=5, n_trending=5, new_item_share=0.0)
+# trending_cache_ttl_s=0: these tests rewrite trending lists between reads (the near cache has its own test)
+SMALL: dict[str, Any] = dict(n_als=5, n_similar=3, n_content=5, n_trending=5, new_item_share=0.0,
+                             trending_cache_ttl_s=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +253,32 @@ def test_overall_trending_reads_the_global_list(engine: RecommendationEngine) ->
         engine.client.delete(GLOBAL_KEY)
         if saved:
             engine.client.zadd(GLOBAL_KEY, {m: s for m, s in saved})
+
+
+def test_trending_lists_and_item_rows_are_kept_for_their_ttl(feature_ws: Settings, index_dir: Path) -> None:
+    engine = build_engine(feature_ws, index_dir, config=ServingConfig(**{**SMALL, "trending_cache_ttl_s": 600.0}))
+    saved = engine.client.zrevrange(GLOBAL_KEY, 0, -1, withscores=True)
+    try:
+        engine.client.delete(GLOBAL_KEY)
+        engine.client.zadd(GLOBAL_KEY, {"1": 1.0, "2": 2.0})
+        assert engine.candidates.cached_overall_trending() is None  # nothing read yet
+        assert engine.candidates.overall_trending([]) == [2, 1]
+        engine.client.zadd(GLOBAL_KEY, {"3": 3.0})  # the stream moves the list
+        # within the TTL the list read stays (no Redis read, no thread for it); fresh reads see 3
+        assert engine.candidates.cached_overall_trending() == [2, 1]
+        assert engine.candidates.overall_trending([]) == [2, 1]
+        assert engine.recommend(424261, use_cache=False).items  # a miss runs on the cached list
+        # the candidates' rows are kept too (ServingConfig's default TTL, 5 s)
+        cache = engine.features.item_cache
+        assert cache.ttl_s == 5.0 and cache.enabled
+        rows = engine.features.items([1, 2], [])
+        assert rows is not None and len(cache) >= 2
+        assert engine.features.items([2, 1], []) == {name: values[::-1] for name, values in rows.items()}
+    finally:
+        engine.client.delete(GLOBAL_KEY)
+        if saved:
+            engine.client.zadd(GLOBAL_KEY, {m: s for m, s in saved})
+        engine.close()
 
 
 def test_single_flight_keys_on_k_and_context(engine: RecommendationEngine) -> None:

@@ -174,6 +174,10 @@ def test_train_ranker_logs_to_mlflow_and_saves_to_bentoml(feature_ws: Settings, 
     run = MlflowClient(feature_ws.effective_mlflow_uri).get_run(result.run_id)
     assert run.data.params["ranker_epochs"] == "1" and "dataset_fingerprint" in run.data.tags
     assert run.data.metrics["rows"] == result.training.fit.rows
+    # the example building's stages, timed one after the other: their sum is at most the whole
+    stages = [f"ranker_{stage}_s" for stage in ("split", "clean", "als", "candidates", "frame")]
+    assert all(run.data.metrics[name] == result.seconds[name] >= 0 for name in stages)
+    assert sum(result.seconds[name] for name in stages) <= result.seconds["ranker_examples_s"] + 0.05  # rounding
     model = get_bentoml_model(result.bento_tag, tmp_path / "bentoml")
     assert result.bento_tag.startswith(f"{BENTO_RANKER_MODEL}:") and model.info.labels[RUN_ID_LABEL] == result.run_id
     scorer = load_scorer(Path(model.path))  # what bentos.factory does with the BentoML model's path

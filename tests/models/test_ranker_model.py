@@ -100,6 +100,11 @@ def test_recent_similarity_by_hand() -> None:
     np.testing.assert_allclose(out[0], [1.0, 0.5], atol=1e-5)  # cosine 1 with item 1, 0 with item 2
     np.testing.assert_allclose(out[1], [np.sqrt(0.5)] * 2, atol=1e-5)  # item 9 is left out
     assert np.isnan(out[2]).all() and np.isnan(out[3]).all()
+    # one row of recent ids is one list for every item (the service), equal to repeating it
+    shared = recent_similarity(items, recent[:1], factors.item_vectors)
+    np.testing.assert_array_equal(shared, recent_similarity(items, np.repeat(recent[:1], 4, axis=0),
+                                                            factors.item_vectors))
+    np.testing.assert_allclose(shared[1], [np.sqrt(0.5)] * 2, atol=1e-5)  # item (1,1): cosine 0.707 with 1 and 2
 
 
 def test_lists_are_padded_and_lists_without_a_positive_dropped() -> None:

@@ -81,3 +81,19 @@ def test_feast_connection_string_variants() -> None:
     assert redis_url_to_feast("rediss://h/3") == "h:6379,db=3,ssl=true"
     with pytest.raises(ValueError, match="is not a redis:// URL"):
         redis_url_to_feast("http://h:1")
+
+
+def test_no_setting_is_declared_twice() -> None:
+    # a second annotation of a name in a class body silently replaces the first (Python, pydantic):
+    # a new `trending_ttl_s` once turned the stream's 7200 s Redis expiry into a 1.0 float
+    import ast
+    import inspect
+
+    from recsys import config
+
+    settings = next(node for node in ast.parse(inspect.getsource(config)).body
+                    if isinstance(node, ast.ClassDef) and node.name == "Settings")
+    names = [node.target.id for node in settings.body
+             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)]
+    assert names and sorted({n for n in names if names.count(n) > 1}) == []
+    assert Settings().trending_ttl_s == 7_200  # the stream's expiry of the trending sets
