@@ -58,12 +58,12 @@ class ItemFeatureCache:
             fetched = fetch(missing)
             if fetched is None:
                 return None
-            stored = self._store(fetched, missing, now)
+            stored, rows = self._store(fetched, missing, now)
             if names is not None and stored != names and len(missing) < len(ids):
                 return fetch(ids)  # the cached rows have another reader's columns (never in one engine)
             names = stored
-            by_id = dict(zip(missing, zip(*(fetched[n] for n in names)))) if names else {}
-            cached = [row if row is not None else by_id.get(i, ()) for i, row in zip(ids, cached)]
+            by_id = dict(zip(missing, rows))
+            cached = [row if row is not None else by_id[i] for i, row in zip(ids, cached)]
         if not names:
             return {}
         columns = list(zip(*cached)) if cached else [() for _ in names]
@@ -75,9 +75,9 @@ class ItemFeatureCache:
             return None
         return entry[1]
 
-    def _store(self, columns: dict[str, list[Any]], ids: list[int], now: float) -> tuple[str, ...]:
-        """Store the rows of ``columns`` (aligned with ``ids``); returns the cache's column order.
-        A batch with other columns (another reader) resets the cache to its own."""
+    def _store(self, columns: dict[str, list[Any]], ids: list[int], now: float) -> tuple[tuple[str, ...], list[Row]]:
+        """Store the rows of ``columns`` (aligned with ``ids``); returns the column order and the
+        rows. A batch with other columns (another reader) resets the cache to its own."""
         names = tuple(columns)
         rows = list(zip(*(columns[n] for n in names))) if names else [() for _ in ids]
         expires = now + self.ttl_s
@@ -90,8 +90,4 @@ class ItemFeatureCache:
                 self._rows.move_to_end(item_id)
             while len(self._rows) > self.max_items:
                 self._rows.popitem(last=False)
-        return names
-
-    def clear(self) -> None:
-        with self._lock:
-            self._rows.clear()
+        return names, rows
