@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,26 @@ class ServingConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.ranker_queue < 0:
             raise ValueError(f"ranker_queue={self.ranker_queue} must be >= 0 (0: no call waits for a thread)")
+
+
+#: the read endpoints: the hot path, whose per-request access log and tracing are opt-in
+READ_ROUTES = ("/recommend", "/similar_items")
+#: BentoML's own access-log skip list (its default), kept when the read routes are added to it
+_DEFAULT_SKIPPED = ("/metrics", "/healthz", "/livez", "/readyz")
+
+
+def service_observability() -> dict[str, Any]:
+    """The BentoML ``logging`` and ``tracing`` service config: the read routes leave the access
+    log unless ``RECSYS_ACCESS_LOG_READS`` and OpenTelemetry unless ``RECSYS_TRACE_READS``
+    (:class:`recsys.config.Settings`): the two middlewares cost a sizeable share of a request's
+    Python even when no span is sampled (docs/serving.md, "Observability off the hot path")."""
+    from recsys.config import load_settings
+
+    settings = load_settings()
+    skipped = [*_DEFAULT_SKIPPED, *([] if settings.access_log_reads else READ_ROUTES)]
+    # OpenTelemetry matches these as regular expressions against the full URL
+    excluded = [] if settings.trace_reads else [f"{route}$" for route in READ_ROUTES]
+    return {"logging": {"access": {"skip_paths": skipped}}, "tracing": {"excluded_urls": excluded}}
 
 
 def service_resources() -> dict[str, float]:

@@ -29,12 +29,12 @@ failure, and the next call after that tries it again, so recovery is automatic.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
+import fasteners
 import numpy as np
 import redis
 
@@ -86,8 +86,10 @@ class RecommendationEngine:
         self.breaker = RedisBreaker(cfg.redis_retry_s)
         self._pool = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="recsys")
         self.flights: SingleFlight[Recommendation] = SingleFlight()
-        #: FAISS may not be searched while an item is being added (POST /items): both take this lock
-        self.index_lock = threading.Lock()
+        #: FAISS may not be searched while an item is being added (POST /items). Searches and
+        #: vector reads share it (FAISS reads are thread-safe, and one exclusive lock made concurrent
+        #: misses queue behind each other's searches); an add takes it alone, before later readers
+        self.index_lock = fasteners.ReaderWriterLock()
         self.cache = RecommendationCache(client, self.breaker, self._pool, cfg.cache_ttl_s, self.model_versions,
                                          self.arms)
         self.features = OnlineFeatures(read_features, client, self.breaker,

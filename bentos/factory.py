@@ -240,7 +240,7 @@ def add_item(engine: RecommendationEngine, item: Mapping[str, Any]) -> str:
     source = "none (no index loaded)"
     if engine.index is not None:
         ids = np.array([int(row[S.COL_ITEM])], dtype=np.int64)
-        with engine.index_lock:
+        with engine.index_lock.write_lock():
             if engine.index.user_to_item.contains(ids)[0]:
                 return "its trained vector (already in the index)"
             engine.index.add_items(ids, None, np.array([int(row[S.COL_CATEGORY])], dtype=np.int64))

@@ -7,11 +7,11 @@ times out, fails or is busy, a blend of the strategies' scores with no ranker. S
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
+import fasteners
 import numpy as np
 
 from bentos import rules
@@ -36,7 +36,7 @@ class Scorer(Protocol):
 class Scoring:
     """Scores candidates with the ranker when there is one, else by the fallbacks (module docstring)."""
 
-    def __init__(self, scorer: Scorer | None, index: Any | None, index_lock: threading.Lock,
+    def __init__(self, scorer: Scorer | None, index: Any | None, index_lock: fasteners.ReaderWriterLock,
                  config: ServingConfig) -> None:
         self.scorer = scorer
         self.index = index
@@ -121,7 +121,7 @@ class Scoring:
         not hold (-1, or an item added after the index was built and not yet in this table) gets
         zeros, so a cosine with it is 0 instead of a KeyError failing the request."""
         unique, inverse = np.unique(np.asarray(item_ids, dtype=np.int64), return_inverse=True)
-        with self.index_lock:
+        with self.index_lock.read_lock():
             known = table.contains(unique) & (unique >= 0)
             vectors = np.zeros((len(unique), table.dim), dtype=np.float32)
             if known.any():

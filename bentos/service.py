@@ -34,7 +34,7 @@ from annotated_types import Ge, Le
 
 from bentos.auth import ApiKeyMiddleware
 from bentos.cache import AsyncCacheReader
-from bentos.config import service_resources
+from bentos.config import service_observability, service_resources
 from bentos.impressions import impression_logger
 from bentos.metrics import count_unknown_context_keys
 from bentos.new_items import ItemJournal
@@ -79,7 +79,7 @@ def _stored(ref: Any) -> Any:
 
 
 @bentoml.service(name="recsys", traffic={"timeout": 10, "max_concurrency": 256}, workers=1,
-                  resources=service_resources())
+                  resources=service_resources(), **service_observability())
 class Recommender:
     index_model = _pinned(BENTO_INDEX_MODEL)
     ranker_model = _pinned(BENTO_RANKER_MODEL)

@@ -197,3 +197,14 @@ retrieval_v1 = FeatureService(
     features=[user_embedding_fv, user_realtime_fv[["last_5_items", "preferred_categories"]]],
     description="What candidate generation needs for a user.",
 )
+two_tower_v1 = FeatureService(
+    name="two_tower_v1",
+    features=[
+        # models.two_tower.features: USER_COLUMNS and ITEM_COLUMNS less the join keys, exactly
+        # (tests/models/test_two_tower_job.py checks the two lists agree)
+        user_profile_fv[["n_events", "n_events_7d", "mean_rating", "days_since_first_seen", "top_categories"]],
+        user_realtime_fv[["last_5_items", "interaction_count", "total_purchases", "preferred_categories"]],
+        item_profile_fv[[S.COL_CATEGORY, "tags", "title", "price", S.COL_CREATED_AT]],
+    ],
+    description="The two-tower retrieval model's inputs: the user tower's and the item tower's columns.",
+)

@@ -72,7 +72,10 @@ def _write(df: DataFrame, path: str, days: DayRange) -> None:
     # dynamic partition overwrite (recsys.spark defaults): only the days in this run are replaced;
     # a day of the range that now has no rows (sparse tables) would keep its old partition, so it goes
     written = {str(r[0]) for r in df.select(T.SNAPSHOT_DATE).distinct().collect()}
-    df.write.mode("overwrite").partitionBy(T.SNAPSHOT_DATE).parquet(path)
+    # one file per day: without the repartition every task writes a file into every day it holds
+    # (shuffle partitions x days files, most of them a few rows: 60k files for 20 years, which
+    # take longer to write, list and read back in the point-in-time joins than their rows)
+    df.repartition(T.SNAPSHOT_DATE).write.mode("overwrite").partitionBy(T.SNAPSHOT_DATE).parquet(path)
     import shutil
     from pathlib import Path
 

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,8 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FEATURE_SERVICES = ("ranker_v1", "retrieval_v1")
+FEATURE_SERVICES = ("ranker_v1", "retrieval_v1", "two_tower_v1")
 PUSH_SOURCE = "user_realtime_push"
+_COL_ROW = "_row"  # entity row order: Feast hands a frame back in its own order
 
 
 class FeatureStoreError(RuntimeError):
@@ -276,6 +278,20 @@ def get_training_frame(
         return _frame_from_arrow(pa.concat_tables(parts, promote_options="permissive"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def training_frame_in_order(entity_df: pd.DataFrame, feature_service: str, settings: Settings,
+                            chunk_rows: int = TRAINING_FRAME_CHUNK_ROWS) -> pd.DataFrame:
+    """:func:`get_training_frame` as pandas, one row per entity row, in ``entity_df``'s order.
+    Feast's Spark join repeats an entity row when a view holds two rows with the same entity,
+    event time and created time (the same values): one of them is kept, with a warning."""
+    entity = entity_df.reset_index(drop=True).assign(**{_COL_ROW: np.arange(len(entity_df))})
+    frame = cast(pd.DataFrame, get_training_frame(entity, feature_service, settings=settings, chunk_rows=chunk_rows))
+    duplicated = int(frame.duplicated(_COL_ROW).sum())
+    if duplicated:
+        log.warning("%s frame: %d entity rows came back more than once; kept one of each", feature_service, duplicated)
+    return (frame.drop_duplicates(_COL_ROW, keep="last").sort_values(_COL_ROW).reset_index(drop=True)
+            .drop(columns=[_COL_ROW]))
 
 
 @contextmanager

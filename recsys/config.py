@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     #: GPUs each service worker declares (BentoML ``resources.gpu``; a fraction shares one); 0 = CPU.
     #: BentoML then sets CUDA_VISIBLE_DEVICES per worker and TensorFlow places the ranker there.
     service_gpus: float = Field(0.0, ge=0.0, le=8.0)
+    #: per-request observability of the read endpoints (/recommend, /similar_items), off by
+    #: default: BentoML's access-log line and OpenTelemetry span cost a sizeable share of the
+    #: worker's Python per request even when no span is sampled (docs/serving.md measures it).
+    #: The write endpoints are always logged and traced; requests and latency are always counted.
+    access_log_reads: bool = False
+    trace_reads: bool = False
 
     # Kafka topics.
     events_topic: str = "clickstream.events"

@@ -13,6 +13,7 @@ from concurrent.futures import Executor
 from datetime import datetime
 from typing import Any
 
+import fasteners
 import numpy as np
 import redis
 
@@ -33,7 +34,7 @@ class Candidates:
     """Candidate generation: FAISS and trending in the pool, content on the calling thread."""
 
     def __init__(self, catalog: ItemCatalog, client: redis.Redis, breaker: RedisBreaker, pool: Executor,
-                 index: Any | None, index_lock: threading.Lock, config: ServingConfig,
+                 index: Any | None, index_lock: fasteners.ReaderWriterLock, config: ServingConfig,
                  now: Callable[[], datetime]) -> None:
         self.catalog = catalog
         self.client = client
@@ -95,7 +96,7 @@ class Candidates:
         empty: Ranked = ([], [])
         if self.index is None:
             return empty, empty
-        with self.index_lock:
+        with self.index_lock.read_lock():
             cands = generate_candidates(
                 self.index, user_vec, recent, seen,
                 CandidateConfig(n_als=self.config.n_als, n_similar=self.config.n_similar, max_recent=5))
@@ -187,7 +188,7 @@ class Candidates:
         """Nearest items by cosine of ALS vectors; category neighbours when the item has no vector.
         Raises KeyError for an item in neither."""
         nearest = None
-        with self.index_lock:
+        with self.index_lock.read_lock():
             if self.index is not None and self.index.item_to_item.contains(np.array([item_id]))[0]:
                 vec = self.index.item_to_item.vectors(np.array([item_id]))
                 nearest = self.index.item_to_item.search(vec, k + 1)

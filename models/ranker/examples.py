@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COL_LABEL = "label"
-_COL_ROW = "_row"  # entity row order: Feast hands the frame back in its own order
 ONE_US = timedelta(microseconds=1)
 MAX_WINDOWS = 10  # list ids are user_id * MAX_WINDOWS + window
 
@@ -298,18 +297,10 @@ def feature_frame(entity_df: pd.DataFrame, settings: Settings, factors: Factors,
                   feature_service: str = "ranker_v1", stats: pd.DataFrame | None = None) -> pd.DataFrame:
     """Point-in-time features for entity rows (Feast), in the rows' own order, with the vectors
     of ``factors`` and the item statistics ``stats`` of the same events (module docstring)."""
-    from pipelines.feature_store import get_training_frame
+    from pipelines.feature_store import training_frame_in_order
 
-    entity = entity_df.reset_index(drop=True).assign(**{_COL_ROW: np.arange(len(entity_df))})
     started = time.perf_counter()
-    frame = cast(pd.DataFrame, get_training_frame(entity, feature_service, settings=settings))
-    # Feast's Spark join repeats an entity row when a view holds two rows with the same entity,
-    # event time and created time; they carry the same-time values, so one of them is kept
-    duplicated = int(frame.duplicated(_COL_ROW).sum())
-    if duplicated:
-        log.warning("feature frame: %d entity rows came back more than once; kept one of each", duplicated)
-    frame = (frame.drop_duplicates(_COL_ROW, keep="last").sort_values(_COL_ROW).reset_index(drop=True)
-             .drop(columns=[_COL_ROW]))
+    frame = training_frame_in_order(entity_df, feature_service, settings)
     log.info("feature frame: %d rows x %d columns from %r in %.1fs", len(frame), frame.shape[1], feature_service,
              time.perf_counter() - started)
     return attach_recent_similarity(attach_item_stats(attach_embeddings(frame, factors), stats), factors)

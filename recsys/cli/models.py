@@ -90,6 +90,48 @@ def train_ranker_cmd(
         typer.echo(f"  MLflow run {result.run_id}; BentoML model {result.bento_tag}")
 
 
+@train_app.command("two-tower")
+def train_two_tower_cmd(
+    ctx: typer.Context,
+    epochs: Annotated[Optional[int], typer.Option(
+        min=1, help="Most epochs per loss; early stopping on validation recall (default: TwoTowerConfig's).")] = None,
+    loss: Annotated[str, typer.Option(
+        help="softmax (in-batch, logQ-corrected), bce (sampled negatives) or auto (train both, keep the better).")
+    ] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Batch size on CPU, x4 on a GPU (default: TwoTowerConfig's).")] = None,
+    max_rows: Annotated[int, typer.Option(
+        min=0, help="Positive rows kept, the latest (0: all of them).")] = 500_000,
+    valid_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of the rows, the latest by time, that validates.")] = 0.1,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output folder (default: data/models/<dataset>/two_tower).")] = None,
+    track: TrackToStores = True,
+    bentoml_home: BentomlHome = None,
+) -> None:
+    """Train the two-tower retrieval model on point-in-time frames from the feature store."""
+    from models.two_tower.config import TwoTowerConfig
+    from models.two_tower.job import TwoTowerJobConfig, train_two_tower_job
+    from pipelines.canonical import DatasetError
+    from pipelines.feature_store import FeatureStoreError
+
+    settings = settings_of(ctx)
+    try:
+        config = TwoTowerConfig(loss=loss, epochs=epochs or TwoTowerConfig.epochs,
+                                batch_size=batch_size or TwoTowerConfig.batch_size)
+        job = TwoTowerJobConfig(max_rows=max_rows or None, valid_fraction=valid_fraction)
+        result = train_two_tower_job(settings, config, job, out=out, track=track, bentoml_home=bentoml_home)
+    except (ValueError, DatasetError, FeatureStoreError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    trained = result.trained
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in trained.metrics.items() if k.startswith(("recall", "auc")))
+    typer.echo(f"two-tower: {len(result.train_frame):,} training rows, {len(result.valid_frame):,} validation rows "
+               f"(from {result.split_time.isoformat()}) on {trained.device}; kept {trained.loss}: {scores}; "
+               f"{result.seconds['two_tower_s']}s; saved to {result.path}")
+    if result.run_id:
+        typer.echo(f"  MLflow run {result.run_id}; registered {result.registered}; BentoML model {result.bento_tag}")
+
+
 @index_app.command("build")
 def index_build_cmd(
     ctx: typer.Context,

@@ -212,7 +212,9 @@ def test_redis_client_has_short_timeouts(feature_ws: Settings) -> None:
 def test_new_item_gets_an_exploration_slot(feature_ws: Settings, index_dir: Path) -> None:
     from bentos.factory import add_item
 
-    engine = build_engine(feature_ws, index_dir, config=ServingConfig(n_als=5, n_similar=3, n_content=5,
+    # ALS alone fills the top 10 (n_als=20 of the 40 items): the test must not depend on earlier
+    # tests having given the user recent items or trending lists (it failed when run alone)
+    engine = build_engine(feature_ws, index_dir, config=ServingConfig(n_als=20, n_similar=3, n_content=5,
                                                                       n_trending=5, new_item_share=1.0))
     try:
         source = add_item(engine, {S.COL_ITEM: 80_001, "title": "new", S.COL_CATEGORY: 1, "tags": [],
@@ -304,3 +306,24 @@ def test_the_cosine_fallback_scores_a_candidate_the_index_lacks_as_zero(engine: 
     assert out is not None
     assert out[0] == pytest.approx(1.0, abs=1e-5)  # the same vector as the user's
     assert out[1] == 0.0 and out[2] == 0.0
+
+
+def test_index_reads_share_the_lock_and_an_add_waits_for_them(engine: RecommendationEngine) -> None:
+    """Searches and vector reads hold the index lock together (an exclusive lock queued concurrent
+    misses behind each other's FAISS calls); an added item waits until the readers are done."""
+    import threading
+
+    from bentos.factory import add_item
+
+    item = int(next(iter(engine.catalog.by_category.values()))[0])
+    with engine.index_lock.read_lock():  # a request mid-search, on another thread
+        done = threading.Event()
+        threading.Thread(target=lambda: (engine.similar_items(item, k=3), done.set()), daemon=True).start()
+        assert done.wait(10), "a second reader was blocked by the first"
+        added = threading.Event()
+        row = {S.COL_ITEM: 80_002, "title": "new", S.COL_CATEGORY: 1, "tags": [], "price": 1.0, "margin": 0.1,
+               "quality_score": 4.0, "inventory": 3, "image_url": None}
+        threading.Thread(target=lambda: (add_item(engine, row), added.set()), daemon=True).start()
+        assert not added.wait(0.5), "an add ran while a reader held the index"
+    assert added.wait(10), "the add never ran once the reader was done"
+    assert engine.index.user_to_item.contains(np.array([80_002]))[0]

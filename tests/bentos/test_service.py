@@ -133,6 +133,18 @@ def test_write_endpoints_need_the_key(server: Server) -> None:
     assert server.call("/items", {"item_id": 1}, key=None)[0] == 401
 
 
+def test_reads_leave_the_access_log_and_writes_stay_in_it(server: Server) -> None:
+    """By default /recommend and /similar_items are not access-logged (RECSYS_ACCESS_LOG_READS:
+    about 0.4 ms of the worker's Python each), /events always is."""
+    assert server.call("/recommend", {"user_id": 1, "k": 3})[0] == 200
+    assert server.call("/events", {"user_id": 1, "item_id": 2, "event_type": "VIEW"})[0] == 401
+    deadline = time.monotonic() + 10  # the access log line is written after the response
+    while "path=/events" not in server.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the /events request was never access-logged"
+        time.sleep(0.1)
+    assert "path=/recommend" not in server.log.read_text(errors="replace")
+
+
 def test_event_reaches_kafka(server: Server, feature_ws: Settings) -> None:
     user = 5000 + int(uuid.uuid4().int % 1000)
     status, _, body = server.call("/events", {"user_id": user, "item_id": 2, "event_type": "CLICK",
@@ -336,6 +348,24 @@ def test_the_service_declares_a_gpu_only_when_configured(gpus: str, declared: di
     assert shown.returncode == 0, shown.stderr[-2000:]
     # no GPU: no gpu key, so BentoML never sets CUDA_VISIBLE_DEVICES
     assert shown.stdout.strip().splitlines()[-1] == str(declared)
+
+
+@pytest.mark.parametrize(("env", "skipped", "excluded"), [
+    ({}, True, ["/recommend$", "/similar_items$"]),
+    ({"RECSYS_ACCESS_LOG_READS": "true", "RECSYS_TRACE_READS": "true"}, False, []),
+])
+def test_the_read_routes_observability_follows_the_settings(env: dict[str, str], skipped: bool,
+                                                             excluded: list[str]) -> None:
+    """The read routes' access log and OpenTelemetry spans are opt-in; BentoML's own skip list stays."""
+    probe = ("import json, bentos.service as s; c = s.Recommender.config; "
+             "print(json.dumps([c['logging']['access']['skip_paths'], c['tracing']['excluded_urls']]))")
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **env})
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    paths, urls = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert {"/metrics", "/healthz", "/livez", "/readyz"} <= set(paths)
+    assert ("/recommend" in paths) is skipped
+    assert urls == excluded
 
 
 def test_the_bento_image_carries_the_cuda_runtime() -> None:

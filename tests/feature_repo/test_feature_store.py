@@ -35,7 +35,7 @@ def test_apply_is_idempotent_and_lists_views(feature_ws: Settings) -> None:
         assert name in listed
     assert sorted(v.name for v in fs.get_store(feature_ws).list_feature_views()) == before == sorted(T.TABLES)
     services = sorted(s.name for s in fs.get_store(feature_ws).list_feature_services())
-    assert services == ["ranker_v1", "retrieval_v1"]
+    assert services == ["ranker_v1", "retrieval_v1", "two_tower_v1"]
 
 
 def test_point_in_time_correctness(feature_ws: Settings) -> None:

@@ -116,6 +116,15 @@ def test_rerun_is_idempotent_and_only_touches_its_days(built: Settings) -> None:
     pd.testing.assert_frame_equal(before_ip[cols], after_ip[cols])
 
 
+def test_each_day_is_one_file(built: Settings) -> None:
+    # DAYS is 3 days; every table folder holds one parquet file per day it has rows for (not one
+    # per shuffle partition and day: small files slow the writes and the point-in-time reads)
+    for table in (T.USER_PROFILE, T.ITEM_PROFILE):
+        folders = sorted(p for p in T.table_path(built, table).iterdir() if p.is_dir())
+        assert folders, f"{table} wrote no day"
+        assert {f.name: len(list(f.glob("*.parquet"))) for f in folders} == {f.name: 1 for f in folders}
+
+
 def test_empty_range_is_rejected() -> None:
     with pytest.raises(ValueError, match="empty day range: 2026-01-03 > 2026-01-01: swap the dates"):
         DayRange(DAYS.last, DAYS.first)
