@@ -100,7 +100,7 @@ def build_engines(settings: Settings, champion: ServedModels, experiment: Experi
     try:
         for key, models in wanted.items():
             built[key] = build_engine(settings, models.index_dir, models.ranker_dir,
-                                      model_versions=models.versions, **shared)
+                                      model_versions=models.versions, two_tower_dir=models.two_tower_dir, **shared)
     except BaseException:
         for engine in built.values():  # a half-built set: release what was loaded
             engine.close()

@@ -26,7 +26,10 @@ from bentos.metrics import METRICS
 from recsys.schema import recs_cache_key as cache_key  # one definition: the stream deletes it
 
 #: The ``model_versions`` keys naming the models: a cached answer of other ones is not served.
-MODEL_KEYS = ("index", "ranker")
+#: the two-tower is one of them: its candidates change the answer, so an answer cached before a
+#: new two-tower was promoted is stale, and a new one must trigger the hot reload (bentos.reload)
+#: and tell engines apart (bentos.arm_engines.model_set), as a new index or ranker does
+MODEL_KEYS = ("index", "ranker", "two_tower")
 
 #: what a cached answer must share with a fresh one: the models and the experiment
 _COMPARED = (*MODEL_KEYS, EXPERIMENT_KEY)

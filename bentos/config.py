@@ -16,6 +16,8 @@ class ServingConfig:
     n_similar: int = 10
     n_content: int = 30
     n_trending: int = 20
+    #: the two-tower model's nearest items (placed after ALS; 0: the strategy is off)
+    n_two_tower: int = 50
     cold_start_threshold: int = 10
     exploration_every: int = 5  # cold start: every 5th slot is an exploration item
     new_item_share: float = 0.1  # share of personalised answers that show one new item (exploration)
@@ -46,7 +48,7 @@ class ServingConfig:
     #: the trending lists (overall, per category) are kept this long in the worker (0: off)
     trending_cache_ttl_s: float = 1.0
     blend_weights: Mapping[str, float] = field(
-        default_factory=lambda: {"als": 1.0, "similar": 0.8, "content": 0.5, "trending": 0.6})
+        default_factory=lambda: {"als": 1.0, "two_tower": 0.9, "similar": 0.8, "content": 0.5, "trending": 0.6})
 
     def __post_init__(self) -> None:
         if self.ranker_timeout_ms is not None and not self.ranker_timeout_ms > 0:
@@ -66,6 +68,8 @@ class ServingConfig:
                      "item_feature_cache_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.n_two_tower < 0:
+            raise ValueError(f"n_two_tower={self.n_two_tower} must be >= 0 (0: no two-tower candidates)")
         if self.ranker_queue < 0:
             raise ValueError(f"ranker_queue={self.ranker_queue} must be >= 0 (0: no call waits for a thread)")
 

@@ -9,8 +9,8 @@ the precompute job both call. :meth:`RecommendationEngine.recommend` runs the st
    at the same time in the pool;
 3. candidates (bentos.candidates): cold start below ``cold_start_threshold`` interactions (history
    and stream together) or with onboarding categories: popular items with exploration items;
-   otherwise four strategies run concurrently (ALS, similar items, content, trending), seen and
-   purchased items removed;
+   otherwise the strategies run concurrently (ALS, the two-tower model when one is served, similar
+   items, content, trending), seen and purchased items removed;
 4. scoring (bentos.scoring): the ranker in one batch on its own bounded executor under its time
    budget (bentos.ranker_call), with its fallbacks, to scores in [0, 1];
 5. rules (bentos.rules): stock, purchases, margin, quality, trending, diversity;
@@ -45,6 +45,7 @@ from bentos.cache import RecommendationCache
 from bentos.candidates.cold_start import ColdStart
 from bentos.candidates.merge import CandidateSet
 from bentos.candidates.strategies import Candidates
+from bentos.candidates.two_tower import TwoTowerRetriever
 from bentos.catalog import ItemCatalog
 from bentos.config import ServingConfig
 from bentos.experiments import Arm, ArmPolicy, Experiment
@@ -75,6 +76,7 @@ class RecommendationEngine:
         now: Callable[[], datetime] | None = None,
         model_versions: Mapping[str, str] | None = None,
         experiment: Experiment | None = None,
+        two_tower: TwoTowerRetriever | None = None,
     ) -> None:
         self.catalog = catalog
         self.client = client
@@ -95,7 +97,9 @@ class RecommendationEngine:
         self.features = OnlineFeatures(read_features, client, self.breaker,
                                        ItemFeatureCache(cfg.item_feature_ttl_s, cfg.item_feature_cache_items))
         self.cold_start = ColdStart(catalog, cfg.cache_size, cfg.exploration_every, self.now)
-        self.candidates = Candidates(catalog, client, self.breaker, self._pool, index, self.index_lock, cfg, self.now)
+        self.two_tower = two_tower
+        self.candidates = Candidates(catalog, client, self.breaker, self._pool, index, self.index_lock, cfg, self.now,
+                                     two_tower)
         self.scoring = Scoring(scorer, index, self.index_lock, cfg)
         self.answer = Answer(catalog, cfg.cache_size, self.model_versions, self.arms)
 
@@ -164,7 +168,7 @@ class RecommendationEngine:
                       reasons: list[str], cache: bool, arm: Arm | None = None) -> Recommendation:
         seen = set(user.recent) | purchased
         with stage("candidates"):
-            cands = self.candidates.generate(user, seen, reasons, _collect(trending_read, reasons))
+            cands = self.candidates.generate(user, seen, reasons, _collect(trending_read, reasons), user_id)
         if not cands.item_ids:
             return self._cold_start(user_id, user, k, [], purchased, reasons, cache, arm)
         with stage("item_features"):

@@ -12,13 +12,14 @@ An arm's ``mode`` is how its answers are scored: ``ranker`` (today's flow: the r
 fallbacks), ``blend`` (the same candidates and rules, scored by the strategy blend, the ranker
 never called) or ``popularity`` (popular items across categories, the user's purchases removed:
 a baseline without personalisation). Answers say which models they used (:func:`arm_versions`):
-a ``blend`` arm's carry no ``ranker`` entry, a ``popularity`` arm's neither ``index`` nor
+a ``blend`` arm's carry no ``ranker`` entry, a ``popularity`` arm's no ``index``, ``two_tower`` or
 ``ranker``, and each carries ``experiment`` with the experiment's name.
 
-An arm's ``models`` pins BentoML tags (``item_index: item_index:<version>``, ``ranker: ...``): its
-users are served by an engine of those models (:mod:`bentos.arm_engines`), and its answers carry
-their versions; a model an arm does not pin follows the champion. :func:`check_pins` refuses a
-pin that is not in the model store, naming it and listing what the store has.
+An arm's ``models`` pins BentoML tags (``item_index: item_index:<version>``, ``ranker: ...``,
+``two_tower: ...``): its users are served by an engine of those models (:mod:`bentos.arm_engines`),
+and its answers carry their versions; a model an arm does not pin follows the champion.
+:func:`check_pins` refuses a pin that is not in the model store, naming it and listing what the
+store has.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Literal, Protocol
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL
+from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL, BENTO_TWO_TOWER_MODEL
 from recsys.config import Settings
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,10 @@ EXPERIMENT_KEY = "experiment"
 SHARE_TOLERANCE = 1e-6
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 #: the ``model_versions`` key prefixes of the models each mode does not use
-_UNUSED: dict[str, tuple[str, ...]] = {"ranker": (), "blend": ("ranker",), "popularity": ("ranker", "index")}
+_UNUSED: dict[str, tuple[str, ...]] = {"ranker": (), "blend": ("ranker",),
+                                       "popularity": ("ranker", "index", "two_tower")}
 #: the BentoML models of each ``model_versions`` label (what a mode that drops the label does not use)
-_MODEL_OF_LABEL = {"index": BENTO_INDEX_MODEL, "ranker": BENTO_RANKER_MODEL}
+_MODEL_OF_LABEL = {"index": BENTO_INDEX_MODEL, "ranker": BENTO_RANKER_MODEL, "two_tower": BENTO_TWO_TOWER_MODEL}
 
 
 class ExperimentError(ValueError):
@@ -65,8 +67,9 @@ class ArmModels(BaseModel):
 
     item_index: str | None = Field(None, min_length=1, max_length=200)
     ranker: str | None = Field(None, min_length=1, max_length=200)
+    two_tower: str | None = Field(None, min_length=1, max_length=200)
 
-    @field_validator("item_index", "ranker")
+    @field_validator("item_index", "ranker", "two_tower")
     @classmethod
     def _tag(cls, tag: str | None, info: ValidationInfo) -> str | None:
         if tag is None:
@@ -82,13 +85,14 @@ class ArmModels(BaseModel):
     @model_validator(mode="after")
     def _some(self) -> ArmModels:
         if not self.pins():
-            raise ValueError("models pins nothing: name item_index and/or ranker, or drop models")
+            raise ValueError("models pins nothing: name item_index, ranker and/or two_tower, or drop models")
         return self
 
     def pins(self) -> dict[str, str]:
         """BentoML model name -> pinned tag, for the models pinned."""
         return {name: tag for name, tag in ((BENTO_INDEX_MODEL, self.item_index),
-                                            (BENTO_RANKER_MODEL, self.ranker)) if tag is not None}
+                                            (BENTO_RANKER_MODEL, self.ranker),
+                                            (BENTO_TWO_TOWER_MODEL, self.two_tower)) if tag is not None}
 
 
 class Arm(BaseModel):
@@ -157,7 +161,8 @@ class Experiment(BaseModel):
 
 def arm_versions(versions: Mapping[str, str], arm: Arm | None, experiment: str | None) -> dict[str, str]:
     """The ``model_versions`` of an answer served in ``arm``: the engine's, less the models the
-    arm's mode does not use (``blend``: every ``ranker*`` key; ``popularity``: ``index*`` too),
+    arm's mode does not use (``blend``: every ``ranker*`` key; ``popularity``: ``index*`` and
+    ``two_tower*`` too),
     plus ``experiment``. No arm: the engine's, unchanged."""
     if arm is None:
         return dict(versions)

@@ -22,7 +22,7 @@ from bentos.engine import RecommendationEngine
 from bentos.experiments import Experiment
 from bentos.features import ITEM_FEATURES, USER_FEATURES
 from bentos.scoring import Scorer
-from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL, RUN_ID_LABEL
+from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL, BENTO_TWO_TOWER_MODEL, RUN_ID_LABEL
 from recsys import feature_tables as T
 from recsys import schema as S
 from recsys.config import Settings
@@ -69,12 +69,14 @@ def redis_client(settings: Settings, timeout_s: float = 0.25) -> redis.Redis:
 @dataclass(frozen=True)
 class ServedModels:
     """The models an engine serves: their folders (None: absent, the engine runs without) and the
-    ``model_versions`` every answer carries: ``index`` and ``ranker`` (the BentoML tag, or
-    ``"absent"``) and, where the model was logged, ``index_mlflow_run`` / ``ranker_mlflow_run``."""
+    ``model_versions`` every answer carries: ``index``, ``ranker`` and ``two_tower`` (the BentoML
+    tag, or ``"absent"``) and, where the model was logged, ``index_mlflow_run`` /
+    ``ranker_mlflow_run`` / ``two_tower_mlflow_run``."""
 
     index_dir: Path | None
     ranker_dir: Path | None
     versions: dict[str, str] = field(default_factory=dict)
+    two_tower_dir: Path | None = None  # last, with a default: built positionally elsewhere
 
 
 def latest_model(name: str, bentoml_home: Path | None = None) -> Any | None:
@@ -102,12 +104,13 @@ def _describe(stored: Any | None, name: str, label: str) -> tuple[Path | None, d
     return Path(stored.path), versions
 
 
-def describe_models(index: Any | None, ranker: Any | None) -> ServedModels:
+def describe_models(index: Any | None, ranker: Any | None, two_tower: Any | None = None) -> ServedModels:
     """Folders and versions of stored BentoML models (None: absent, logged with what to do).
     The service passes its pinned models, precompute the store's latest: one derivation."""
     index_dir, versions = _describe(index, BENTO_INDEX_MODEL, "index")
     ranker_dir, ranker_versions = _describe(ranker, BENTO_RANKER_MODEL, "ranker")
-    return ServedModels(index_dir, ranker_dir, {**versions, **ranker_versions})
+    two_tower_dir, two_tower_versions = _describe(two_tower, BENTO_TWO_TOWER_MODEL, "two_tower")
+    return ServedModels(index_dir, ranker_dir, {**versions, **ranker_versions, **two_tower_versions}, two_tower_dir)
 
 
 def with_pins(champion: ServedModels, pins: Mapping[str, str], bentoml_home: Path | None = None) -> ServedModels:
@@ -116,13 +119,16 @@ def with_pins(champion: ServedModels, pins: Mapping[str, str], bentoml_home: Pat
     ``bentoml.exceptions.NotFound`` for a tag the store lacks (a reload then keeps what serves)."""
     from models.tracking import get_bentoml_model
 
-    folders = {BENTO_INDEX_MODEL: champion.index_dir, BENTO_RANKER_MODEL: champion.ranker_dir}
+    folders = {BENTO_INDEX_MODEL: champion.index_dir, BENTO_RANKER_MODEL: champion.ranker_dir,
+               BENTO_TWO_TOWER_MODEL: champion.two_tower_dir}
     versions = dict(champion.versions)
-    for name, label in ((BENTO_INDEX_MODEL, "index"), (BENTO_RANKER_MODEL, "ranker")):
+    for name, label in ((BENTO_INDEX_MODEL, "index"), (BENTO_RANKER_MODEL, "ranker"),
+                        (BENTO_TWO_TOWER_MODEL, "two_tower")):
         if name in pins:
             folders[name], own = _describe(get_bentoml_model(pins[name], bentoml_home), name, label)
             versions = {k: v for k, v in versions.items() if not k.startswith(label)} | own
-    return ServedModels(folders[BENTO_INDEX_MODEL], folders[BENTO_RANKER_MODEL], versions)
+    return ServedModels(folders[BENTO_INDEX_MODEL], folders[BENTO_RANKER_MODEL], versions,
+                        folders[BENTO_TWO_TOWER_MODEL])
 
 
 def champion_model(name: str, bentoml_home: Path | None = None) -> Any | None:
@@ -146,10 +152,12 @@ def champion_model(name: str, bentoml_home: Path | None = None) -> Any | None:
 
 
 def served_models(bentoml_home: Path | None = None) -> ServedModels:
-    """What the service serves: the champion's ``item_index`` and ``ranker`` (:mod:`models.names`)
-    in the BentoML model store (``$BENTOML_HOME`` unless ``bentoml_home``), else the latest."""
+    """What the service serves: the champion's ``item_index``, ``ranker`` and ``two_tower``
+    (:mod:`models.names`) in the BentoML model store (``$BENTOML_HOME`` unless ``bentoml_home``),
+    else the latest."""
     return describe_models(champion_model(BENTO_INDEX_MODEL, bentoml_home),
-                           champion_model(BENTO_RANKER_MODEL, bentoml_home))
+                           champion_model(BENTO_RANKER_MODEL, bentoml_home),
+                           champion_model(BENTO_TWO_TOWER_MODEL, bentoml_home))
 
 
 def serving_config(settings: Settings, **overrides: Any) -> ServingConfig:
@@ -157,7 +165,8 @@ def serving_config(settings: Settings, **overrides: Any) -> ServingConfig:
     base = ServingConfig(cache_ttl_s=settings.recs_cache_ttl_seconds, ranker_timeout_ms=settings.ranker_timeout_ms,
                          ranker_timeout_headroom=settings.ranker_timeout_headroom,
                          ranker_warmup_timeout_s=settings.ranker_warmup_timeout_s,
-                         item_feature_ttl_s=settings.item_feature_ttl_s, trending_cache_ttl_s=settings.trending_cache_ttl_s)
+                         item_feature_ttl_s=settings.item_feature_ttl_s, trending_cache_ttl_s=settings.trending_cache_ttl_s,
+                         n_two_tower=settings.two_tower_candidates)
     return replace(base, **overrides) if overrides else base
 
 
@@ -167,6 +176,14 @@ def load_index(folder: Path | None) -> Any | None:
     from models.retrieval import RetrievalIndex
 
     return RetrievalIndex.load(Path(folder))
+
+
+def load_two_tower_retriever(folder: Path | None) -> Any | None:
+    """The two-tower retriever of ``folder`` (bentos.candidates.two_tower), None when absent or
+    broken (logged there): start-up never fails for it."""
+    from bentos.candidates.two_tower import load_retriever
+
+    return load_retriever(folder)
 
 
 def load_scorer(folder: Path | None) -> Scorer | None:
@@ -182,9 +199,11 @@ def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: 
                  client: redis.Redis | None = None, scorer: Scorer | None = None,
                  now: Callable[[], datetime] | None = None,
                  experiment: Experiment | None = None, catalog: ItemCatalog | None = None,
-                 read_features: Callable[..., Any] | None = None) -> RecommendationEngine:
-    """The engine with the catalogue, the online reader, the index of ``index_dir`` and the
-    ranker of ``ranker_dir`` (or ``scorer``, already loaded), items added while serving replayed,
+                 read_features: Callable[..., Any] | None = None,
+                 two_tower_dir: Path | None = None) -> RecommendationEngine:
+    """The engine with the catalogue, the online reader, the index of ``index_dir``, the
+    ranker of ``ranker_dir`` (or ``scorer``, already loaded) and the two-tower retriever of
+    ``two_tower_dir`` (one that fails to load is logged and left out), items added while serving replayed,
     and the ranker warmed up with its time budget measured (:meth:`Scoring.calibrate`). ``now``:
     the engine's clock (default: the catalogue's snapshot time; the evaluation sets its cutoff).
     ``experiment``: split users into its arms (the service and precompute pass the declared one).
@@ -197,14 +216,16 @@ def build_engine(settings: Settings, index_dir: Path | None = None, ranker_dir: 
     scorer = scorer or load_scorer(ranker_dir)
     if getattr(scorer, "variant", None):  # answers say which variant of the ranker scored them
         model_versions = {**(model_versions or {}), "ranker_variant": str(scorer.variant)}  # type: ignore[union-attr]
+    two_tower = load_two_tower_retriever(two_tower_dir) if config.n_two_tower > 0 else None
     engine = RecommendationEngine(catalog, client, read_features, index=load_index(index_dir),
                                   scorer=scorer, config=config,
-                                  now=now, model_versions=model_versions, experiment=experiment)
+                                  now=now, model_versions=model_versions, experiment=experiment, two_tower=two_tower)
     replay_new_items(engine, new_items_log(settings))
     if engine.scoring.scorer is not None:
         engine.scoring.calibrate(warm_up_items(catalog, config.n_candidates))
-    log.info("engine ready: %d items in the catalogue, index %s, ranker %s", len(catalog),
+    log.info("engine ready: %d items in the catalogue, index %s, two-tower %s, ranker %s", len(catalog),
              "loaded" if engine.index is not None else "absent (popularity and content only)",
+             "loaded" if engine.candidates.two_tower is not None else "absent",
              f"loaded, budget {engine.scoring.budget.describe()}" if engine.scoring.scorer is not None
              else "absent (strategy blend)")
     return engine

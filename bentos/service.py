@@ -4,7 +4,7 @@ Endpoints: POST /recommend, /similar_items, /events (API key), /items (API key),
 is served, the last reload and its failure); GET /healthz, /readyz and /metrics come from BentoML
 (readiness also asks ``__is_ready__`` below).
 
-The FAISS index and the ranker are BentoML models pinned as class attributes, so
+The FAISS index, the ranker and the two-tower model are BentoML models pinned as class attributes, so
 ``bentoml build`` packages them; their folders and ``model_versions`` come from
 :func:`bentos.factory.describe_models`, the derivation that ``recsys precompute`` uses on the same
 store (:func:`bentos.factory.served_models`), so cached and live answers come from the same
@@ -49,7 +49,7 @@ from bentos.schemas import (
     RecommendResponse,
     SimilarItemsResponse,
 )
-from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL
+from models.names import BENTO_INDEX_MODEL, BENTO_RANKER_MODEL, BENTO_TWO_TOWER_MODEL
 from pipelines.impressions import new_request_id
 from recsys import schema as S
 
@@ -83,6 +83,7 @@ def _stored(ref: Any) -> Any:
 class Recommender:
     index_model = _pinned(BENTO_INDEX_MODEL)
     ranker_model = _pinned(BENTO_RANKER_MODEL)
+    two_tower_model = _pinned(BENTO_TWO_TOWER_MODEL)
 
     def __init__(self) -> None:
         from bentos.arm_engines import build_engines
@@ -97,7 +98,8 @@ class Recommender:
         self.settings = load_settings()
         # an invalid file or a pinned model missing from the store: logged, served without it
         self.experiment = serving_experiment(self.settings)
-        models = describe_models(_stored(self.index_model), _stored(self.ranker_model))
+        models = describe_models(_stored(self.index_model), _stored(self.ranker_model),
+                                 _stored(self.two_tower_model))
         # the champion's engine (self.engine) and one per model set an arm pins; any engine
         # answers a user with the models of the user's arm
         self.engines = build_engines(self.settings, models, self.experiment)

@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     #: The write endpoints are always logged and traced; requests and latency are always counted.
     access_log_reads: bool = False
     trace_reads: bool = False
+    #: candidates from the two-tower model per miss when one is served (0: the strategy is off)
+    two_tower_candidates: int = Field(50, ge=0, le=1000)
 
     # Kafka topics.
     events_topic: str = "clickstream.events"

@@ -1,5 +1,6 @@
-"""The candidates stage of /recommend: the four personalised strategies, cold start, and how
-their lists merge into one :class:`CandidateSet`."""
+"""The candidates stage of /recommend: the five personalised strategies (the two-tower one in
+:mod:`bentos.candidates.two_tower`), cold start, and how their lists merge into one
+:class:`CandidateSet`."""
 
 from bentos.candidates.cold_start import ColdStart
 from bentos.candidates.merge import CandidateSet, take_turns

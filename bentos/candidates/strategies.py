@@ -1,15 +1,17 @@
-"""The candidates of a personalised answer, from four strategies run concurrently: ALS nearest
-items (FAISS, inner product), items similar to each recent item (FAISS, cosine), content (top
+"""The candidates of a personalised answer, from five strategies run concurrently: ALS nearest
+items (FAISS, inner product), the two-tower model's nearest items (when one is served:
+bentos.candidates.two_tower), items similar to each recent item (FAISS, cosine), content (top
 categories and tags of the recent items), trending in the preferred categories, filled up from
 the overall trending list (read before the user's features arrive); plus the new-item exploration
 slot and the neighbours of one item (/similar_items)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from datetime import datetime
 from typing import Any
 
@@ -19,15 +21,19 @@ import redis
 
 from bentos.breaker import RedisBreaker
 from bentos.candidates.merge import CandidateSet, rank_scores, take_turns
+from bentos.candidates.two_tower import TwoTowerRetriever
 from bentos.catalog import ItemCatalog
 from bentos.config import ServingConfig
 from bentos.features import UserFeatures
+from bentos.metrics import METRICS
 from pipelines.trending import GLOBAL_KEY, category_key
 
 #: the strategies, in the order their candidates are kept (deduplication: the first one wins)
-STRATEGIES = ("als", "similar", "content", "trending")
+STRATEGIES = ("als", "two_tower", "similar", "content", "trending")
 
 Ranked = tuple[list[int], list[float]]  # item ids, best first, and their scores
+
+log = logging.getLogger(__name__)
 
 
 class Candidates:
@@ -35,7 +41,7 @@ class Candidates:
 
     def __init__(self, catalog: ItemCatalog, client: redis.Redis, breaker: RedisBreaker, pool: Executor,
                  index: Any | None, index_lock: fasteners.ReaderWriterLock, config: ServingConfig,
-                 now: Callable[[], datetime]) -> None:
+                 now: Callable[[], datetime], two_tower: TwoTowerRetriever | None = None) -> None:
         self.catalog = catalog
         self.client = client
         self.breaker = breaker
@@ -44,6 +50,7 @@ class Candidates:
         self.index_lock = index_lock  # FAISS may not be searched while an item is being added
         self.config = config
         self.now = now
+        self.two_tower = two_tower if two_tower is not None and two_tower.ready else None
         # the near cache of trending lists, key -> (expires, n read, top items): every miss reads
         # the overall list and its categories', the same few lists for everyone, which the stream
         # moves by the second; ``trending_cache_ttl_s`` of staleness saves a read and a thread each
@@ -66,28 +73,46 @@ class Candidates:
         return self._cached_trending([GLOBAL_KEY], self.overall_trending_n)
 
     def generate(self, user: UserFeatures, seen: set[int], reasons: list[str],
-                 overall_trending: Sequence[int] = ()) -> CandidateSet:
+                 overall_trending: Sequence[int] = (), user_id: int | None = None) -> CandidateSet:
         """Deduplicated (first strategy wins), seen items removed, capped at ``n_candidates`` in
         strategy order. Trending: the user's categories' lists in turns, then ``overall_trending``
         (from :meth:`overall_trending`) for what they leave; ``trending`` holds every trending
-        item fetched (the rules boost them)."""
+        item fetched (the rules boost them). ``user_id``: the two-tower's user id feature (None:
+        masked as missing)."""
         cfg = self.config
         faiss = self.pool.submit(self._faiss, user.vector, user.recent, seen)
+        towers = (self.pool.submit(self.two_tower.retrieve, user_id, user.values, seen, cfg.n_two_tower)
+                  if self.two_tower is not None and cfg.n_two_tower > 0 else None)
         keys, n = [category_key(c) for c in user.categories[:5]], cfg.n_trending + len(seen)
         by_category = self._cached_trending(keys, n) if keys else []
         read = self.pool.submit(self._trending, keys, n, reasons) if by_category is None else None
         content = self._content(user.recent, seen, cfg.n_content)
         als, similar = faiss.result()
+        two_tower = self._two_tower_result(towers)
         fetched = [*(read.result() if read is not None else by_category or []), *overall_trending]
         trending = list(dict.fromkeys(fetched))  # the categories' items first, each item once
         out = CandidateSet()
         out.add(*als, "als", seen, cfg.n_als)
+        out.add(*two_tower, "two_tower", seen, cfg.n_two_tower)
         out.add(*similar, "similar", seen, cfg.n_similar * 5)  # up to n_similar for each of 5 recent items
         out.add(*content, "content", seen, cfg.n_content)
         out.add(trending, rank_scores(len(trending)), "trending", seen, cfg.n_trending)
         out.truncate(cfg.n_candidates)
         out.trending = set(fetched)
         return out
+
+    @staticmethod
+    def _two_tower_result(future: Future[Ranked] | None) -> Ranked:
+        """The two-tower's candidates; none, logged, when its call failed: one strategy fewer is
+        a smaller candidate set, not a failed answer (and not a degraded one: no data is stale)."""
+        if future is None:
+            return [], []
+        try:
+            return future.result()
+        except Exception:  # noqa: BLE001 - a strategy's failure must not fail the request
+            METRICS.fallbacks.labels(kind="two_tower_error").inc()  # counted: a model failing every call shows
+            log.exception("two-tower retrieval failed: answering without its candidates")
+            return [], []
 
     def _faiss(self, user_vec: np.ndarray | None, recent: list[int], seen: set[int]) -> tuple[Ranked, Ranked]:
         """(ALS nearest items, items similar to the recent ones); empty without an index."""

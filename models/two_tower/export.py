@@ -9,6 +9,9 @@ Layout of the folder::
     encoder.json      the encoder's parameters and statistics
     title_vocabulary.txt  the title vocabulary, one JSON string a line
     two_tower.json    config, kept loss, validation metrics (per trained loss), history, created
+    item_vectors.npy  float32 (n, output_dim): the item tower's vector of every catalogue item
+    item_ids.npy      int64 (n,): their item ids, row for row (both written by the training job,
+                      :func:`write_item_vectors`; an export without them serves no candidates)
 
 TensorFlow is imported inside the functions: importing this module is cheap.
 """
@@ -16,6 +19,7 @@ TensorFlow is imported inside the functions: importing this module is cheap.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +38,9 @@ USER_TOWER_DIR, ITEM_TOWER_DIR = "user_tower", "item_tower"
 SAVED_MODEL_DIRS = (USER_TOWER_DIR, ITEM_TOWER_DIR)
 META_FILE = "two_tower.json"
 SERVE_ENDPOINT = "serve"
+ITEM_VECTORS_FILE, ITEM_IDS_FILE = "item_vectors.npy", "item_ids.npy"
+
+log = logging.getLogger(__name__)
 
 
 def export_two_tower(trained: TrainedTwoTower, folder: Path, metadata: Mapping[str, Any] | None = None) -> Path:
@@ -70,9 +77,25 @@ def _export_tower(tower: Any, encoder: TwoTowerEncoder, tensors: tuple[str, ...]
     archive.write_out(str(path), verbose=False)
 
 
+def write_item_vectors(folder: Path, item_ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Add the catalogue's item vectors to an export folder (``item_ids.npy``, ``item_vectors.npy``),
+    the index the served model searches. Raises ValueError when they do not pair up row for row."""
+    ids = np.asarray(item_ids, dtype=np.int64)
+    vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vecs.ndim != 2 or len(ids) != len(vecs):
+        raise ValueError(f"item vectors of shape {vecs.shape} do not pair with {len(ids)} item ids: "
+                         "pass one (n, output_dim) row per id")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("item ids repeat: pass one row per catalogue item (e.g. catalogue_frame)")
+    np.save(Path(folder) / ITEM_IDS_FILE, ids)
+    np.save(Path(folder) / ITEM_VECTORS_FILE, vecs)
+
+
 class LoadedTwoTower:
     """An exported two-tower model: ``user_vectors(frame)`` and ``item_vectors(frame)``, float32
-    (n, output_dim) with unit rows, computed by the SavedModels on the encoder's tensors."""
+    (n, output_dim) with unit rows, computed by the SavedModels on the encoder's tensors;
+    ``catalogue_ids`` / ``catalogue_vectors``: the catalogue's precomputed item vectors (None in an
+    export written without them: it is loadable, and retrieves nothing)."""
 
     def __init__(self, folder: Path) -> None:
         import tensorflow as tf
@@ -84,6 +107,15 @@ class LoadedTwoTower:
         self.encoder = TwoTowerEncoder.load(folder)
         self._user = tf.saved_model.load(str(folder / USER_TOWER_DIR))
         self._item = tf.saved_model.load(str(folder / ITEM_TOWER_DIR))
+        self.catalogue_ids: np.ndarray | None = None
+        self.catalogue_vectors: np.ndarray | None = None
+        if (folder / ITEM_IDS_FILE).is_file() and (folder / ITEM_VECTORS_FILE).is_file():
+            self.catalogue_ids = np.load(folder / ITEM_IDS_FILE).astype(np.int64)
+            self.catalogue_vectors = np.load(folder / ITEM_VECTORS_FILE).astype(np.float32)
+        else:
+            log.warning("the two-tower export %s has no %s/%s (an older export): it computes vectors but "
+                        "serves no candidates; retrain with `recsys train two-tower`", folder, ITEM_IDS_FILE,
+                        ITEM_VECTORS_FILE)
 
     def user_vectors(self, frame: pd.DataFrame) -> np.ndarray:
         """One vector per row of ``frame`` (the user columns)."""

@@ -1,6 +1,8 @@
 """``recsys train two-tower``: the two towers trained on the active dataset
-(:func:`train_two_tower_job`), exported to :func:`two_tower_path`, logged to MLflow (registered as
-the pyfunc model ``recsys-two-tower``) and saved to the BentoML model store as ``two_tower``.
+(:func:`train_two_tower_job`), exported to :func:`two_tower_path` with the item vectors of the
+whole catalogue (:func:`export_item_vectors`, what serving searches), logged to MLflow
+(registered as the pyfunc model ``recsys-two-tower``) and saved to the BentoML model store as
+``two_tower``.
 
 Rows. One row per positive event up to the reference time (the protocol's definition,
 :func:`models.protocol.positive_condition`: a rating >= 4, or CLICK or stronger), one per
@@ -206,6 +208,8 @@ def train_two_tower_job(settings: Settings, config: TwoTowerConfig | None = None
                 "split_time": split_time.isoformat(), "feature_service": job.feature_service,
                 "frame_rows": {"train": len(train_frame), "valid": len(valid_frame), "positives": available}}
     export_two_tower(trained, path, metadata)
+    n_items = export_item_vectors(settings, trained, path, cutoff)
+    log.info("two-tower: %d catalogue item vectors written to %s", n_items, path)
     seconds["two_tower_export_s"] = _lap(started, seconds)
     steps.update()
     result = TwoTowerTrainResult(trained, path, cutoff, split_time, train_frame, valid_frame, available, job,
@@ -216,6 +220,22 @@ def train_two_tower_job(settings: Settings, config: TwoTowerConfig | None = None
         steps.update()
     steps.close()
     return result
+
+
+def export_item_vectors(settings: Settings, trained: TrainedTwoTower, path: Path, cutoff: datetime) -> int:
+    """The item tower's vector of every item of the dataset's items table, aged at ``cutoff``,
+    written into the export at ``path`` (:func:`models.two_tower.export.write_item_vectors`): the
+    served model then carries its index. Returns how many items."""
+    from models.two_tower.export import write_item_vectors
+    from models.two_tower.features import catalogue_frame
+    from pipelines.canonical import read_table
+
+    # every catalogue item, also one no training row reached: its id hashes to a bucket and its
+    # category, tags, title and price still place it
+    items = catalogue_frame(read_table(settings.dataset_path, "items"))
+    vectors = trained.item_vectors(items, as_of=cutoff)
+    write_item_vectors(path, items[S.COL_ITEM].to_numpy(dtype=np.int64), vectors)
+    return len(items)
 
 
 def _lap(started: float, done: dict[str, float] | None = None) -> float:

@@ -108,7 +108,7 @@ def test_served_models_are_the_stores_latest_with_their_runs(store_home: Path) -
 def test_an_empty_store_serves_without_models(tmp_path: Path) -> None:
     models = served_models(tmp_path / "empty-home")
     assert (models.index_dir, models.ranker_dir) == (None, None)
-    assert models.versions == {"index": "absent", "ranker": "absent"}
+    assert models.versions == {"index": "absent", "ranker": "absent", "two_tower": "absent"}
 
 
 def test_precomputed_answers_equal_fresh_ones_from_bentoml_serve(server: Server, feature_ws: Settings,
