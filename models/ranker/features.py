@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models.columns import floats, is_list, transform
 from recsys import schema as S
 
 #: Item statistics of the events the row's ALS is fitted on
@@ -70,21 +71,8 @@ USER_INPUTS: tuple[str, ...] = tuple(n for n, _ in USER_NUMERIC) + USER_LISTS + 
 ITEM_INPUTS: tuple[str, ...] = tuple(n for n, _ in ITEM_NUMERIC) + (S.COL_CATEGORY, ITEM_EMBEDDING)
 
 
-def _floats(values: Sequence[Any] | np.ndarray | None, n: int) -> np.ndarray:
-    """Numbers as float64 with NaN for None/NaN/NaT (a missing column is all NaN)."""
-    if values is None:
-        return np.full(n, np.nan)
-    try:  # the common case (numbers and None) in C: pandas' coercion below costs 0.1 ms a column
-        out = np.array(values, dtype=np.float64)
-        if out.shape == (len(out),):
-            return out
-    except (TypeError, ValueError):  # text, pd.NA, NaT: pandas coerces them (NaN when not numbers)
-        pass
-    return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(dtype=np.float64)
 
 
-def _transform(x: np.ndarray, kind: str) -> np.ndarray:
-    return np.log1p(np.maximum(x, 0.0)) if kind == "log1p" else x
 
 
 def _id_set(value: Any, sets: dict[int, set[int]]) -> set[int]:
@@ -96,8 +84,6 @@ def _id_set(value: Any, sets: dict[int, set[int]]) -> set[int]:
     return sets[key]
 
 
-def _is_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple, np.ndarray))
 
 
 def _context(timestamps: Sequence[Any] | pd.Series) -> np.ndarray:
@@ -154,7 +140,7 @@ def recent_matrix(lists: Sequence[Any], width: int = 5) -> np.ndarray:
     """(n, width) int64 item ids of each row's recent-items list (-1 = padding or no list)."""
     out = np.full((len(lists), width), -1, dtype=np.int64)
     for row, value in enumerate(lists):
-        if _is_list(value) and len(value):
+        if is_list(value) and len(value):
             ids = np.asarray(list(value)[:width], dtype=np.int64)
             out[row, : len(ids)] = ids
     return out
@@ -217,7 +203,7 @@ class FeatureEncoder:
         def stats(spec: tuple[tuple[str, str], ...]) -> tuple[list[float], list[float]]:
             means, stds = [], []
             for name, kind in spec:
-                x = _transform(_floats(frame[name] if name in frame else None, len(frame)), kind)
+                x = transform(floats(frame[name] if name in frame else None, len(frame)), kind)
                 finite = x[np.isfinite(x)]
                 means.append(float(finite.mean()) if finite.size else 0.0)
                 std = float(finite.std()) if finite.size else 0.0
@@ -232,7 +218,7 @@ class FeatureEncoder:
                  stds: list[float], n: int) -> np.ndarray:
         values, masks = [], []
         for (name, kind), mean, std in zip(spec, means, stds):
-            x = _transform(_floats(cols.get(name), n), kind)
+            x = transform(floats(cols.get(name), n), kind)
             missing = ~np.isfinite(x)
             values.append(np.where(missing, 0.0, (x - mean) / std))
             masks.append(missing.astype(np.float64))
@@ -240,30 +226,30 @@ class FeatureEncoder:
 
     def user_matrix(self, cols: Mapping[str, Any], timestamps: Sequence[Any] | pd.Series, n: int) -> np.ndarray:
         """(n, user_dim): standardised values, their masks, has-ALS-vector, context."""
-        has_vector = np.array([_is_list(v) and len(v) == self.rank for v in column_of(cols, USER_EMBEDDING, n)])
+        has_vector = np.array([is_list(v) and len(v) == self.rank for v in column_of(cols, USER_EMBEDDING, n)])
         return np.concatenate([self._numeric(cols, USER_NUMERIC, self.user_means, self.user_stds, n),
                                has_vector[:, None].astype(np.float64), _context(timestamps)], axis=1).astype(np.float32)
 
     def item_matrix(self, cols: Mapping[str, Any], user_lists: Mapping[str, Sequence[Any]], n: int) -> np.ndarray:
         """(n, item_dim): standardised values, masks, category matches with the user's lists
         (row i against ``user_lists[name][i]``) and their masks, has-ALS-vector."""
-        category = _floats(cols.get(S.COL_CATEGORY), n)
+        category = floats(cols.get(S.COL_CATEGORY), n)
         matches, masks = [], []
         sets: dict[int, set[int]] = {}  # one set per list object: serving repeats the user's list n times
         for name in USER_LISTS:
             lists = user_lists.get(name) or [None] * n
-            known = np.array([_is_list(v) and len(v) > 0 for v in lists]) & np.isfinite(category)
+            known = np.array([is_list(v) and len(v) > 0 for v in lists]) & np.isfinite(category)
             hit = np.array([bool(k) and int(c) in _id_set(v, sets) for k, c, v in zip(known, category, lists)])
             matches.append(hit.astype(np.float64))
             masks.append((~known).astype(np.float64))
-        has_vector = np.array([_is_list(v) and len(v) == self.rank for v in column_of(cols, ITEM_EMBEDDING, n)])
+        has_vector = np.array([is_list(v) and len(v) == self.rank for v in column_of(cols, ITEM_EMBEDDING, n)])
         return np.concatenate([self._numeric(cols, ITEM_NUMERIC, self.item_means, self.item_stds, n),
                                np.stack(matches + masks, axis=1), has_vector[:, None].astype(np.float64)],
                               axis=1).astype(np.float32)
 
     def categories(self, cols: Mapping[str, Any], n: int) -> np.ndarray:
         """(n,) int32 bucket of ``category_id``: 1 + id mod (buckets - 1); 0 = missing."""
-        category = _floats(cols.get(S.COL_CATEGORY), n)
+        category = floats(cols.get(S.COL_CATEGORY), n)
         known = np.isfinite(category)
         out = np.zeros(n, dtype=np.int32)
         out[known] = 1 + np.mod(category[known].astype(np.int64), self.category_buckets - 1)
@@ -281,7 +267,7 @@ class FeatureEncoder:
         except (TypeError, ValueError):  # a missing (None) or ragged row: row by row below
             pass
         out = np.zeros((n, self.rank), dtype=np.float32)
-        rows = [row for row, value in enumerate(values) if _is_list(value) and len(value) == self.rank]
+        rows = [row for row, value in enumerate(values) if is_list(value) and len(value) == self.rank]
         if rows:  # one C-level stack, not a row-by-row copy
             out[rows] = np.stack([np.asarray(values[row], dtype=np.float32) for row in rows])
         return out

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models.columns import floats, is_list, transform
 from models.two_tower.config import TwoTowerConfig
 from recsys import schema as S
 
@@ -64,29 +65,24 @@ def require_columns(frame: pd.DataFrame, columns: Sequence[str], role: str) -> N
             f"the value is unknown (nulls are masked); the {role} needs {list(columns)}")
 
 
-def _floats(values: Sequence[Any]) -> np.ndarray:
-    """float64, NaN for None/NaN/text."""
-    return pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").to_numpy(dtype=np.float64)
 
 
 def hash_ids(values: Sequence[Any], buckets: int) -> np.ndarray:
     """(n,) int32: ``1 + id mod (buckets - 1)``; 0 for a missing or negative id (-1 pads lists)."""
-    ids = _floats(values)
+    ids = floats(values)
     known = np.isfinite(ids) & (ids >= 0)
     out = np.zeros(len(ids), dtype=np.int32)
     out[known] = 1 + np.mod(ids[known].astype(np.int64), buckets - 1)
     return out
 
 
-def _is_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple, np.ndarray))
 
 
 def id_lists(values: Sequence[Any], width: int, buckets: int) -> np.ndarray:
     """(n, width) int32 hashed ids of each row's list (first ``width``), 0 = padding or none."""
     out = np.zeros((len(values), width), dtype=np.int32)
     for row, value in enumerate(values):
-        if _is_list(value) and len(value):
+        if is_list(value) and len(value):
             head = list(value)[:width]
             out[row, : len(head)] = hash_ids(head, buckets)
     return out
@@ -96,7 +92,7 @@ def tag_list(value: Any) -> list[str]:
     """A row's tags: a list/array of strings or one ``|``-joined string; None/NaN = none."""
     if isinstance(value, str):
         return [t.strip() for t in value.split("|") if t.strip()]
-    if _is_list(value):
+    if is_list(value):
         return [str(t) for t in value if t is not None and str(t)]
     return []
 
@@ -129,7 +125,7 @@ def age_days(row_days: np.ndarray, created_days: np.ndarray) -> np.ndarray:
 
 def prices(values: Sequence[Any]) -> np.ndarray:
     """(n,) float32 price, :data:`MISSING` when null or negative."""
-    x = _floats(values)
+    x = floats(values)
     return np.where(np.isfinite(x) & (x >= 0), x, MISSING).astype(np.float32)
 
 
@@ -180,7 +176,7 @@ class TwoTowerEncoder:
         require_columns(frame, USER_COLUMNS + ITEM_COLUMNS, "training")
         means, stds = [], []
         for name, kind in USER_NUMERIC:
-            x = _transform(_floats(frame[name].tolist()), kind)
+            x = transform(floats(frame[name].tolist()), kind)
             finite = x[np.isfinite(x)]
             means.append(float(finite.mean()) if finite.size else 0.0)
             std = float(finite.std()) if finite.size else 0.0
@@ -213,7 +209,7 @@ class TwoTowerEncoder:
         require_columns(frame, USER_COLUMNS, "user tower's")
         values, masks = [], []
         for (name, kind), mean, std in zip(USER_NUMERIC, self.user_means, self.user_stds):
-            x = _transform(_floats(frame[name].tolist()), kind)
+            x = transform(floats(frame[name].tolist()), kind)
             missing = ~np.isfinite(x)
             values.append(np.where(missing, 0.0, (x - mean) / std))
             masks.append(missing.astype(np.float64))
@@ -277,5 +273,3 @@ class TwoTowerEncoder:
         return cls(**json.loads((folder / ENCODER_FILE).read_text()), title_vocabulary=vocabulary)
 
 
-def _transform(x: np.ndarray, kind: str) -> np.ndarray:
-    return np.log1p(np.maximum(x, 0.0)) if kind == "log1p" else x
